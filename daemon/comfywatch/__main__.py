@@ -1,0 +1,5 @@
+"""``python -m comfywatch`` runs the command line."""
+
+from comfywatch.cli import main
+
+raise SystemExit(main())

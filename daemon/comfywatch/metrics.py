@@ -1,0 +1,90 @@
+"""Prometheus metrics (no prompt ids as label values: cardinality stays bounded)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LAG_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """Every metric comfywatch exports, in one registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.jobs = Gauge(
+            "comfywatch_jobs", "Tracked jobs by server and state.", ["server", "state"], registry=r
+        )
+        self.jobs_finished = Counter(
+            "comfywatch_jobs_finished_total",
+            "Jobs that reached a terminal state in this process, by server and state.",
+            ["server", "state"],
+            registry=r,
+        )
+        self.polls = Counter(
+            "comfywatch_polls_total",
+            "Server polls by server and result (ok, unavailable, auth, bad_response).",
+            ["server", "result"],
+            registry=r,
+        )
+        self.poll_seconds = Histogram(
+            "comfywatch_poll_duration_seconds",
+            "Time to poll one server (queue plus history fetches).",
+            ["server"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.detection_lag = Histogram(
+            "comfywatch_detection_lag_seconds",
+            "From ComfyUI's finish timestamp to comfywatch's commit of the terminal state.",
+            ["server"],
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.server_reachable = Gauge(
+            "comfywatch_server_up",
+            "1 if the last poll of the server succeeded, else 0.",
+            ["server"],
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "comfywatch_hook_deliveries_total",
+            "Hook delivery attempts by hook and result (delivered, retry, dead).",
+            ["hook", "result"],
+            registry=r,
+        )
+        self.deliveries_pending = Gauge(
+            "comfywatch_hook_deliveries_pending",
+            "Deliveries waiting to be sent or retried.",
+            registry=r,
+        )
+        self.ticks = Counter("comfywatch_ticks_total", "Completed polling passes.", registry=r)
+        self.last_tick = Gauge(
+            "comfywatch_last_tick_timestamp_seconds",
+            "Unix time of the last completed polling pass.",
+            registry=r,
+        )
+
+    def poll(self, server: str, result: str) -> None:
+        self.polls.labels(server, result).inc()
+
+    def poll_latency(self, server: str, seconds: float) -> None:
+        self.poll_seconds.labels(server).observe(seconds)
+
+    def server_up(self, server: str, up: bool) -> None:
+        self.server_reachable.labels(server).set(1 if up else 0)
+
+    def job_finished(self, server: str, state: str, lag_s: float | None) -> None:
+        self.jobs_finished.labels(server, state).inc()
+        if lag_s is not None:
+            self.detection_lag.labels(server).observe(lag_s)
+
+    def delivery(self, hook: str, result: str) -> None:
+        self.deliveries.labels(hook, result).inc()
+
+    def set_job_counts(self, counts: dict[tuple[str, str], int]) -> None:
+        self.jobs.clear()
+        for (server, state), count in counts.items():
+            self.jobs.labels(server, state).set(count)

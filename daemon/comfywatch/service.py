@@ -1,0 +1,278 @@
+"""The daemon: wiring, signals (TERM/INT stop, HUP reload), reloads, the main loop.
+
+No HTTP to ComfyUI and no SQL here: the poller, the hook dispatcher and the store do that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from comfywatch.config import Settings, config_fingerprint, load_settings
+from comfywatch.errors import ConfigError, StoreError
+from comfywatch.hooks import HookDispatcher
+from comfywatch.metrics import Metrics
+from comfywatch.notify import SystemdNotifier
+from comfywatch.poller import Poller
+from comfywatch.store import NewJob, Store, retention_cutoff
+
+log = structlog.get_logger("comfywatch.service")
+
+#: How long a stop waits for an in-flight tick before cancelling its network part.
+STOP_GRACE_S = 5.0
+#: Delay before retrying a tick whose database transaction failed.
+STORE_RETRY_S = 1.0
+#: How often retention pruning runs when ``retention_days`` is set.
+PRUNE_EVERY_S = 3600.0
+
+
+def new_jobs(settings: Settings) -> list[NewJob]:
+    return [
+        NewJob(
+            server=job.server,
+            prompt_id=job.prompt_id,
+            labels=dict(job.labels),
+            hooks=tuple(job.hooks),
+            source=job.source,
+        )
+        for job in settings.jobs
+    ]
+
+
+@dataclass
+class DaemonStatus:
+    """Live counts for ``STATUS=``, ``/readyz`` and ``--until-done``."""
+
+    active_jobs: int = 0
+    pending_deliveries: int = 0
+    servers_up: int = 0
+    servers_total: int = 0
+    last_tick_monotonic: float | None = None
+    ready: bool = False
+
+
+class Daemon:
+    """Runs the poller and the hook dispatcher until stopped."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Store,
+        metrics: Metrics | None = None,
+        notifier: SystemdNotifier | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self.notifier = notifier or SystemdNotifier.from_env()
+        self._clock = clock
+        self.status = DaemonStatus(servers_total=len(settings.servers))
+        self.stop_event = asyncio.Event()
+        self._reload_event = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._fingerprint = config_fingerprint(settings)
+        self._last_prune_s = 0.0
+        d = settings.daemon
+        self.poller = Poller(
+            store=store,
+            servers=settings.servers,
+            hooks=settings.hooks,
+            not_found_after_s=d.not_found_after_s,
+            poll_interval_s=d.poll_interval_s,
+            metrics=self.metrics,
+            clock=clock,
+        )
+        self.dispatcher = HookDispatcher(
+            store=store,
+            hooks=settings.hooks,
+            concurrency=d.hook_concurrency,
+            metrics=self.metrics,
+            clock=clock,
+        )
+
+    # -- control ------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        self._reload_event.set()
+        self._wake.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    # -- start-up and reload --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Migrate the schema and register the configured jobs."""
+        await self.store.migrate()
+        added = await self.store.register(new_jobs(self.settings), self._clock())
+        log.info(
+            "daemon_started",
+            config=str(self.settings.path),
+            servers=sorted(self.settings.servers),
+            jobs_configured=len(self.settings.jobs),
+            jobs_added=added,
+        )
+
+    async def reload(self, *, why: str) -> bool:
+        """Load the configuration again; on any error keep the running one."""
+        self.notifier.notify(reloading=True)
+        try:
+            settings = load_settings(self.settings.path)
+            added = await self.store.register(new_jobs(settings), self._clock())
+        except (ConfigError, StoreError) as exc:
+            log.error("reload_failed", why=why, error=str(exc), kept="previous configuration")
+            return False
+        finally:
+            self._fingerprint = self._safe_fingerprint()
+            self.notifier.notify(ready=True, status=self._status_line())
+        for client in self.poller.configure(servers=settings.servers, hooks=settings.hooks):
+            await client.close()
+        self.dispatcher.configure(hooks=settings.hooks)
+        self.poller.not_found_after_s = settings.daemon.not_found_after_s
+        self.poller.poll_interval_s = settings.daemon.poll_interval_s
+        self.settings = settings
+        self.status.servers_total = len(settings.servers)
+        log.info("config_reloaded", why=why, jobs_configured=len(settings.jobs), jobs_added=added)
+        return True
+
+    def _safe_fingerprint(self) -> tuple[object, ...] | None:
+        try:
+            return config_fingerprint(self.settings)
+        except (ConfigError, OSError):
+            return None
+
+    def _config_changed(self) -> bool:
+        return bool(self._safe_fingerprint() != self._fingerprint)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    async def run(self, *, until_done: bool = False) -> int:
+        """Poll until stopped (or, with ``until_done``, until nothing is left to do)."""
+        await self.start()
+        dispatcher_task = asyncio.create_task(self.dispatcher.run(self.stop_event))
+        try:
+            self.status.ready = True
+            self.notifier.notify(ready=True, status=self._status_line())
+            while not self.stop_event.is_set():
+                if self._reload_event.is_set():
+                    self._reload_event.clear()
+                    await self.reload(why="SIGHUP")
+                elif self._config_changed():
+                    await self.reload(why="files changed")
+                delay = await self._one_tick()
+                if dispatcher_task.done():
+                    dispatcher_task.result()  # a dead dispatcher stops the daemon loudly
+                    raise RuntimeError("hook dispatcher stopped unexpectedly")
+                if until_done and await self._all_done():
+                    log.info("all_done")
+                    break
+                await self._sleep(delay)
+        finally:
+            self.stop_event.set()
+            self.notifier.notify(stopping=True)
+            self.dispatcher.wake()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(dispatcher_task, STOP_GRACE_S * 2)
+            await self.poller.close()
+            await self.dispatcher.close()
+            log.info("daemon_stopped")
+        return 0
+
+    async def _one_tick(self) -> float:
+        """Run one tick (bounded by the stop grace period once a stop is requested)."""
+        tick = asyncio.create_task(self.poller.tick())
+        stop = asyncio.create_task(self.stop_event.wait())
+        try:
+            await asyncio.wait({tick, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not tick.done():
+                done, _ = await asyncio.wait({tick}, timeout=STOP_GRACE_S)
+                if not done:
+                    log.warning("tick_cancelled_on_stop")
+                    tick.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await tick
+                    return 0.0
+            report = tick.result()
+        except StoreError as exc:
+            log.error("tick_not_recorded", error=str(exc), retry_in_s=STORE_RETRY_S)
+            return STORE_RETRY_S
+        finally:
+            stop.cancel()
+        if report.changed:
+            self.dispatcher.wake()
+        now = self._clock()
+        self.status.active_jobs = report.active
+        self.status.last_tick_monotonic = time.monotonic()
+        health = self.poller.health()
+        self.status.servers_up = sum(1 for h in health.values() if h.up is not False)
+        self.metrics.ticks.inc()
+        self.metrics.last_tick.set(now)
+        await self._housekeeping(now)
+        self.notifier.notify(watchdog=True, status=self._status_line())
+        return self.settings.daemon.poll_interval_s
+
+    async def _housekeeping(self, now: float) -> None:
+        try:
+            self.status.pending_deliveries = await self.store.pending_delivery_count()
+            self.metrics.deliveries_pending.set(self.status.pending_deliveries)
+            self.metrics.set_job_counts(await self.store.count_by_state())
+            days = self.settings.daemon.retention_days
+            if days is not None and now - self._last_prune_s >= PRUNE_EVERY_S:
+                self._last_prune_s = now
+                pruned = await self.store.prune(retention_cutoff(now, days), dry_run=False)
+                if pruned:
+                    log.info("pruned", jobs=pruned, retention_days=days)
+        except StoreError as exc:
+            log.warning("housekeeping_failed", error=str(exc))
+
+    async def _all_done(self) -> bool:
+        return self.status.active_jobs == 0 and await self.store.pending_delivery_count() == 0
+
+    async def _sleep(self, delay_s: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), delay_s)
+
+    def _status_line(self) -> str:
+        s = self.status
+        return (
+            f"servers up {s.servers_up}/{s.servers_total}, jobs tracked {s.active_jobs}, "
+            f"deliveries pending {s.pending_deliveries}"
+        )
+
+
+async def run_daemon(settings: Settings, *, until_done: bool = False) -> int:
+    """Open the store and run until stopped. Raises StoreError if the database fails."""
+    store = Store.open(settings.daemon.database_url)
+    try:
+        daemon = Daemon(settings, store=store)
+        daemon.install_signal_handlers()
+        server = None
+        if settings.daemon.http_host is not None and settings.daemon.http_port is not None:
+            from comfywatch.web import start_http
+
+            server = await start_http(
+                daemon, settings.daemon.http_host, settings.daemon.http_port
+            )
+        try:
+            return await daemon.run(until_done=until_done)
+        finally:
+            if server is not None:
+                await server.cleanup()
+    finally:
+        await store.close()

@@ -1,0 +1,144 @@
+"""Decide a job's next state from what its server showed (pure: no I/O, no clock).
+
+``decide(job, seen, now, policy)`` is the whole life cycle of DESIGN.md in one function;
+the poller only gathers the observation and carries the decision out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from comfywatch.history import HistoryRecord
+from comfywatch.states import JobState, Reason
+
+#: A prompt must be absent from queue and history this many times in a row to be gone.
+ABSENT_CONFIRMATIONS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """What the tracker knows about one non-terminal job (times in epoch seconds)."""
+
+    state: JobState
+    registered_at_s: float
+    queued_at_s: float | None = None
+    started_at_s: float | None = None
+    #: When the job was last seen in the queue during this daemon's life (None: not yet).
+    last_seen_at_s: float | None = None
+    #: Consecutive successful polls in which the job was in neither queue nor history.
+    absent_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What one successful poll of the job's server showed about the job."""
+
+    running: bool = False
+    pending: bool = False
+    history: HistoryRecord | None = None
+    #: Last time the server may have restarted (outage, queue numbers reset, daemon start).
+    restart_suspected_at_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Deadlines of one server (seconds; ``None`` means no deadline)."""
+
+    not_found_after_s: float
+    queue_timeout_s: float | None = None
+    run_timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The job's state after this poll, and what to record with it."""
+
+    state: JobState
+    reason: Reason | None = None
+    history: HistoryRecord | None = None
+    queued_at_s: float | None = None
+    started_at_s: float | None = None
+    last_seen_at_s: float | None = None
+    absent_count: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.state.terminal
+
+
+def decide(job: JobView, seen: Seen, now_s: float, policy: Policy) -> Decision:
+    """The job's next state. Never called for terminal jobs (terminal states never change)."""
+    if job.state.terminal:
+        raise ValueError(f"decide() called for a terminal job in state {job.state}")
+
+    if seen.history is not None:
+        return Decision(
+            state=seen.history.outcome,
+            reason=Reason.FINISHED,
+            history=seen.history,
+            queued_at_s=job.queued_at_s,
+            started_at_s=job.started_at_s,
+            last_seen_at_s=job.last_seen_at_s,
+        )
+
+    if seen.running:
+        started = job.started_at_s if job.state is JobState.RUNNING else None
+        started = started if started is not None else now_s
+        queued = job.queued_at_s if job.queued_at_s is not None else now_s
+        if policy.run_timeout_s is not None and now_s - started >= policy.run_timeout_s:
+            return Decision(JobState.TIMEOUT, Reason.RUN_TIMEOUT, None, queued, started, now_s)
+        return Decision(JobState.RUNNING, None, None, queued, started, now_s)
+
+    if seen.pending:
+        queued = job.queued_at_s if job.queued_at_s is not None else now_s
+        waiting_since = min(queued, job.registered_at_s)
+        if policy.queue_timeout_s is not None and now_s - waiting_since >= policy.queue_timeout_s:
+            return Decision(JobState.TIMEOUT, Reason.QUEUE_TIMEOUT, None, queued, None, now_s)
+        return Decision(JobState.QUEUED, None, None, queued, None, now_s)
+
+    # In neither queue nor history.
+    absent = job.absent_count + 1
+    stay = Decision(
+        state=job.state,
+        queued_at_s=job.queued_at_s,
+        started_at_s=job.started_at_s,
+        last_seen_at_s=job.last_seen_at_s,
+        absent_count=absent,
+    )
+    if job.state is JobState.REGISTERED:
+        if now_s - job.registered_at_s >= policy.not_found_after_s and absent >= 2:
+            return _terminal(stay, JobState.NOT_FOUND, Reason.NEVER_SEEN)
+        if policy.queue_timeout_s is not None and (
+            now_s - job.registered_at_s >= policy.queue_timeout_s
+        ):
+            return _terminal(stay, JobState.TIMEOUT, Reason.QUEUE_TIMEOUT)
+        return stay
+
+    if absent < ABSENT_CONFIRMATIONS:
+        return stay
+    if job.last_seen_at_s is None:
+        # Known only from the database: it left while this daemon was not watching.
+        lost_reason = Reason.LEFT_UNOBSERVED
+    elif seen.restart_suspected_at_s is not None and (
+        seen.restart_suspected_at_s >= job.last_seen_at_s
+    ):
+        lost_reason = Reason.SERVER_RESTARTED
+    else:
+        lost_reason = None
+    if job.state is JobState.RUNNING:
+        return _terminal(stay, JobState.LOST, lost_reason or Reason.HISTORY_CLEARED)
+    # QUEUED: it left the line without a history entry.
+    if lost_reason is not None:
+        return _terminal(stay, JobState.LOST, lost_reason)
+    return _terminal(stay, JobState.CANCELLED, Reason.DELETED_FROM_QUEUE)
+
+
+def _terminal(stay: Decision, state: JobState, reason: Reason) -> Decision:
+    return Decision(
+        state=state,
+        reason=reason,
+        queued_at_s=stay.queued_at_s,
+        started_at_s=stay.started_at_s,
+        last_seen_at_s=stay.last_seen_at_s,
+        absent_count=stay.absent_count,
+    )

@@ -1,0 +1,1 @@
+"""Alembic migrations for the comfywatch database (shipped as ``comfywatch.migrations``)."""

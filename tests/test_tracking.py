@@ -1,0 +1,83 @@
+"""The life cycle as a table: (previous state, what the server showed, now) -> decision."""
+
+from __future__ import annotations
+
+import pytest
+
+from comfywatch.history import parse_history_entry
+from comfywatch.states import JobState, Reason
+from comfywatch.tracking import Decision, JobView, Policy, Seen, decide
+
+from .helpers import only_entry
+
+S = JobState
+POLICY = Policy(not_found_after_s=60, queue_timeout_s=1000, run_timeout_s=100)
+SUCCESS = parse_history_entry(*only_entry("success_saveimage_history.json"))
+ERROR = parse_history_entry(*only_entry("runtime_error_history.json"))
+INTERRUPTED = parse_history_entry(*only_entry("interrupted_history.json"))
+
+# registered at t=0; "now" is the third column.
+CASES: list[tuple[str, JobView, Seen, float, S, Reason | None]] = [
+    ("registered, appears pending", JobView(S.REGISTERED, 0), Seen(pending=True), 5, S.QUEUED, None),
+    ("registered, appears running", JobView(S.REGISTERED, 0), Seen(running=True), 5, S.RUNNING, None),
+    ("registered, finished before first look", JobView(S.REGISTERED, 0), Seen(history=SUCCESS), 5, S.SUCCESS, Reason.FINISHED),
+    ("queued, starts", JobView(S.QUEUED, 0, queued_at_s=1, last_seen_at_s=4), Seen(running=True), 5, S.RUNNING, None),
+    ("running, success", JobView(S.RUNNING, 0, 1, 2, 4), Seen(history=SUCCESS), 5, S.SUCCESS, Reason.FINISHED),
+    ("running, error", JobView(S.RUNNING, 0, 1, 2, 4), Seen(history=ERROR), 5, S.ERROR, Reason.FINISHED),
+    ("running, interrupted", JobView(S.RUNNING, 0, 1, 2, 4), Seen(history=INTERRUPTED), 5, S.INTERRUPTED, Reason.FINISHED),
+    ("queued, straight to history", JobView(S.QUEUED, 0, 1, None, 4), Seen(history=SUCCESS), 5, S.SUCCESS, Reason.FINISHED),
+    ("queued, absent once: ask again", JobView(S.QUEUED, 0, 1, None, 4), Seen(), 5, S.QUEUED, None),
+    ("queued, absent twice: deleted", JobView(S.QUEUED, 0, 1, None, 4, absent_count=1), Seen(), 6, S.CANCELLED, Reason.DELETED_FROM_QUEUE),
+    ("queued, absent twice after restart", JobView(S.QUEUED, 0, 1, None, 4, absent_count=1), Seen(restart_suspected_at_s=5), 6, S.LOST, Reason.SERVER_RESTARTED),
+    ("queued, restart before last seen is old news", JobView(S.QUEUED, 0, 1, None, 4, absent_count=1), Seen(restart_suspected_at_s=3), 6, S.CANCELLED, Reason.DELETED_FROM_QUEUE),
+    ("running, absent once: ask again", JobView(S.RUNNING, 0, 1, 2, 4), Seen(), 5, S.RUNNING, None),
+    ("running, absent twice: history cleared", JobView(S.RUNNING, 0, 1, 2, 4, absent_count=1), Seen(), 6, S.LOST, Reason.HISTORY_CLEARED),
+    ("running, absent twice after restart", JobView(S.RUNNING, 0, 1, 2, 4, absent_count=1), Seen(restart_suspected_at_s=5), 6, S.LOST, Reason.SERVER_RESTARTED),
+    ("running, gone while daemon was down", JobView(S.RUNNING, 0, 1, 2, None, absent_count=1), Seen(), 6, S.LOST, Reason.LEFT_UNOBSERVED),
+    ("queued, gone while daemon was down", JobView(S.QUEUED, 0, 1, None, None, absent_count=1), Seen(), 6, S.LOST, Reason.LEFT_UNOBSERVED),
+    ("registered, unseen within grace", JobView(S.REGISTERED, 0, absent_count=5), Seen(), 59, S.REGISTERED, None),
+    ("registered, unseen past grace", JobView(S.REGISTERED, 0, absent_count=5), Seen(), 60, S.NOT_FOUND, Reason.NEVER_SEEN),
+    ("registered, first look already past grace: ask twice", JobView(S.REGISTERED, 0), Seen(), 600, S.REGISTERED, None),
+    ("running past run deadline", JobView(S.RUNNING, 0, 1, 2, 4), Seen(running=True), 102, S.TIMEOUT, Reason.RUN_TIMEOUT),
+    ("running within run deadline", JobView(S.RUNNING, 0, 1, 2, 4), Seen(running=True), 101, S.RUNNING, None),
+    ("finished past deadline is still a finish", JobView(S.RUNNING, 0, 1, 2, 4), Seen(history=SUCCESS), 5000, S.SUCCESS, Reason.FINISHED),
+    ("queued past queue deadline", JobView(S.QUEUED, 0, 1, None, 4), Seen(pending=True), 1000, S.TIMEOUT, Reason.QUEUE_TIMEOUT),
+    ("queued within queue deadline", JobView(S.QUEUED, 0, 1, None, 4), Seen(pending=True), 999, S.QUEUED, None),
+    ("stuck worker: same prompt running forever", JobView(S.RUNNING, 0, 1, 2, 50), Seen(running=True), 150, S.TIMEOUT, Reason.RUN_TIMEOUT),
+]
+
+
+@pytest.mark.parametrize(
+    ("view", "seen", "now", "state", "reason"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
+def test_decision_table(
+    view: JobView, seen: Seen, now: float, state: JobState, reason: Reason | None
+) -> None:
+    decision = decide(view, seen, now, POLICY)
+    assert decision.state is state
+    assert decision.reason is reason
+
+
+def test_first_sighting_sets_timestamps_and_resets_absence() -> None:
+    d = decide(JobView(S.REGISTERED, 0, absent_count=1), Seen(running=True), 7, POLICY)
+    assert d == Decision(S.RUNNING, None, None, queued_at_s=7, started_at_s=7, last_seen_at_s=7)
+
+
+def test_queue_deadline_counts_from_registration_when_never_seen() -> None:
+    policy = Policy(not_found_after_s=10_000, queue_timeout_s=30)
+    d = decide(JobView(S.REGISTERED, 0, absent_count=3), Seen(), 31, policy)
+    assert (d.state, d.reason) == (S.TIMEOUT, Reason.QUEUE_TIMEOUT)
+
+
+def test_no_deadlines_means_waiting_forever() -> None:
+    policy = Policy(not_found_after_s=60)
+    d = decide(JobView(S.RUNNING, 0, 1, 2, 4), Seen(running=True), 10**9, policy)
+    assert d.state is S.RUNNING
+
+
+@pytest.mark.parametrize("state", sorted(s for s in JobState if s.terminal))
+def test_terminal_states_never_change(state: JobState) -> None:
+    with pytest.raises(ValueError, match="terminal"):
+        decide(JobView(state, 0), Seen(history=SUCCESS), 1, POLICY)
