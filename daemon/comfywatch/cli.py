@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("check-config", parents=[common], help="validate the config and list jobs")
     sub.add_parser("migrate", parents=[common], help="create or upgrade the database schema")
+    sub.add_parser(
+        "healthcheck",
+        parents=[common],
+        help="exit 0 if the running daemon is healthy (its /healthz, else the database)",
+    )
 
     jobs = sub.add_parser("jobs", parents=[common], help="list tracked jobs")
     jobs.add_argument("--state", action="append", choices=[s.value for s in JobState])
@@ -154,6 +159,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _check_config(settings)
     if args.command == "migrate":
         return _run(lambda: _migrate(settings))
+    if args.command == "healthcheck":
+        return _run(lambda: _healthcheck(settings))
     handlers: dict[str, Callable[[Store, argparse.Namespace], Awaitable[int]]] = {
         "jobs": _jobs,
         "show": _show,
@@ -197,6 +204,35 @@ async def _migrate(settings: Settings) -> int:
         return EX_OK
     finally:
         await store.close()
+
+
+async def _healthcheck(settings: Settings) -> int:
+    d = settings.daemon
+    if d.http_host is not None and d.http_port is not None:
+        import aiohttp
+
+        host = f"[{d.http_host}]" if ":" in d.http_host else d.http_host
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                session.get(f"http://{host}:{d.http_port}/healthz") as response,
+            ):
+                body = await response.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            _err(f"unhealthy: {type(exc).__name__}")
+            return EX_FAILURE
+        print(body)
+        return EX_OK if response.status == 200 else EX_FAILURE
+    store = Store.open(d.database_url, create=False, readonly=True)
+    try:
+        current, head = await store.schema_revision()
+    finally:
+        await store.close()
+    if current != head:
+        _err(f"database schema at {current}, expected {head}")
+        return EX_FAILURE
+    print("database ok")
+    return EX_OK
 
 
 def _check_config(settings: Settings) -> int:

@@ -1,0 +1,131 @@
+"""Fixtures: a fake ComfyUI on a real port, config files in a temp folder, a real SQLite file."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from comfywatch.config import Settings, load_settings
+from comfywatch.service import Daemon
+from comfywatch.store import Store
+from comfywatch.testing import FakeComfyUI
+
+
+class Clock:
+    """A clock the test moves by hand (starts at the real time: ComfyUI's stamps are real)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f'"{k}" = {toml_value(v)}' for k, v in value.items()) + " }"
+    raise TypeError(value)
+
+
+def jobs_toml(jobs: list[dict[str, Any]]) -> str:
+    out = []
+    for job in jobs:
+        out.append("[[jobs]]")
+        out.extend(f"{k} = {toml_value(v)}" for k, v in job.items())
+        out.append("")
+    return "\n".join(out)
+
+
+def write_config(
+    folder: Path,
+    servers: dict[str, str | dict[str, Any]],
+    jobs: list[dict[str, Any]] | None = None,
+    *,
+    daemon: dict[str, Any] | None = None,
+    extra: str = "",
+) -> Path:
+    """Write ``comfywatch.toml`` (and an empty jobs.d) into ``folder``; return its path."""
+    settings = {
+        "database": "sqlite:///comfywatch.db",
+        "poll_interval_s": 0.05,
+        "jobs_dir": "jobs.d",
+        "not_found_after_s": 60,
+    }
+    settings.update(daemon or {})
+    lines = ["[daemon]"] + [f"{k} = {toml_value(v)}" for k, v in settings.items()] + [""]
+    for name, server in servers.items():
+        table = {"url": server} if isinstance(server, str) else server
+        lines.append(f"[servers.{name}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in table.items())
+        lines.append("")
+    lines.append(textwrap.dedent(extra))
+    lines.append(jobs_toml(jobs or []))
+    (folder / "jobs.d").mkdir(exist_ok=True)
+    path = folder / "comfywatch.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeComfyUI]:
+    server = FakeComfyUI(run_time_s=0.01)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def fake2() -> AsyncIterator[FakeComfyUI]:
+    server = FakeComfyUI(run_time_s=0.01)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+DaemonFactory = Callable[[Path], Daemon]
+
+
+@pytest.fixture
+async def make_daemon(clock: Clock) -> AsyncIterator[Callable[[Path], Any]]:
+    """Build a started Daemon (migrated, jobs registered) whose clock the test controls."""
+    made: list[tuple[Daemon, Store]] = []
+
+    async def build(config: Path) -> Daemon:
+        settings: Settings = load_settings(config)
+        store = Store.open(settings.daemon.database_url)
+        daemon = Daemon(settings, store=store, clock=clock)
+        await daemon.start()
+        made.append((daemon, store))
+        return daemon
+
+    yield build
+    for daemon, store in made:
+        await daemon.poller.close()
+        await daemon.dispatcher.close()
+        await store.close()

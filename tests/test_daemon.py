@@ -1,0 +1,314 @@
+"""The daemon against a fake ComfyUI on a real port and a real SQLite file, one tick at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from comfywatch.service import Daemon
+from comfywatch.states import JobState
+from comfywatch.store import JobFilter, JobRecord
+from comfywatch.testing import FakeComfyUI
+
+from .conftest import Clock, jobs_toml, write_config
+
+MakeDaemon = Callable[[Path], Awaitable[Daemon]]
+
+
+async def job(daemon: Daemon, prompt_id: str) -> JobRecord:
+    [record] = await daemon.store.jobs(JobFilter(prompt_id=prompt_id))
+    return record
+
+
+async def states(daemon: Daemon) -> dict[str, str]:
+    return {r.job.prompt_id: r.job.state for r in await daemon.store.jobs(JobFilter())}
+
+
+def spec(prompt_id: str, server: str = "local", **extra: Any) -> dict[str, Any]:
+    return {"server": server, "prompt_id": prompt_id, **extra}
+
+
+async def test_success_walks_through_queued_running_success(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
+) -> None:
+    """registered -> queued -> running -> success, with outputs, labels and timestamps."""
+    fake.pause()
+    pid = fake.submit()
+    config = write_config(tmp_path, {"local": fake.url}, [spec(pid, labels={"batch": "b1"})])
+    daemon = await make_daemon(config)
+    assert (await job(daemon, pid)).job.state == "registered"
+
+    await daemon.poller.tick()
+    assert (await job(daemon, pid)).job.state == "queued"
+
+    fake.hold_running()
+    fake.resume()
+    await fake.wait_running(pid)
+    await daemon.poller.tick()
+    assert (await job(daemon, pid)).job.state == "running"
+
+    fake.release()
+    await fake.wait_finished(pid)
+    await daemon.poller.tick()
+    record = await job(daemon, pid)
+    j = record.job
+    assert (j.state, j.reason, j.status_str, j.completed) == ("success", "finished", "success", True)
+    assert j.labels == {"batch": "b1"}
+    assert j.comfy_started_at_ms is not None and j.comfy_finished_at_ms is not None
+    assert j.registered_at <= j.detected_at  # type: ignore[operator]
+    assert j.queued_at is not None and j.started_at is not None and j.finished_at is not None
+    assert j.history is not None and pid in str(j.history["prompt"])
+    assert [(o.kind, o.type) for o in record.outputs] == [("images", "output")]
+    assert record.outputs[0].filename
+
+
+async def test_error_and_interrupt_are_recorded_with_their_fields(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
+) -> None:
+    err = fake.submit(outcome="error")
+    intr = fake.submit(outcome="interrupted")
+    await fake.wait_finished(err)
+    await fake.wait_finished(intr)
+    config = write_config(tmp_path, {"local": fake.url}, [spec(err), spec(intr)])
+    daemon = await make_daemon(config)
+    await daemon.poller.tick()
+
+    e = (await job(daemon, err)).job
+    assert (e.state, e.status_str, e.completed) == ("error", "error", False)
+    assert e.error_node_id and e.error_node_type and e.error_exception_type
+    assert e.error_exception_message and e.error_traceback
+    i = (await job(daemon, intr)).job
+    assert (i.state, i.status_str, i.completed) == ("interrupted", "error", False)
+    assert i.error_exception_type is None
+
+
+async def test_interrupt_over_http_while_running(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
+) -> None:
+    fake.hold_running()
+    pid = fake.submit()
+    await fake.wait_running(pid)
+    daemon = await make_daemon(write_config(tmp_path, {"local": fake.url}, [spec(pid)]))
+    await daemon.poller.tick()
+    fake.interrupt(pid)
+    await fake.wait_finished(pid)
+    await daemon.poller.tick()
+    assert (await job(daemon, pid)).job.state == "interrupted"
+
+
+async def test_deleted_from_pending_queue_is_cancelled(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
+) -> None:
+    fake.pause()
+    pid = fake.submit()
+    daemon = await make_daemon(write_config(tmp_path, {"local": fake.url}, [spec(pid)]))
+    await daemon.poller.tick()
+    fake.delete_from_queue([pid])
+    await daemon.poller.tick()
+    assert (await job(daemon, pid)).job.state == "queued"  # asked twice before calling it gone
+    await daemon.poller.tick()
+    j = (await job(daemon, pid)).job
+    assert (j.state, j.reason) == ("cancelled", "deleted_from_queue")
+
+
+async def test_server_restart_loses_pending_and_running_but_keeps_finished(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon, clock: Clock
+) -> None:
+    done = fake.submit()
+    await fake.wait_finished(done)
+    fake.hold_running()
+    running = fake.submit()
+    pending = fake.submit()
+    await fake.wait_running(running)
+    jobs = [spec(done), spec(running), spec(pending)]
+    daemon = await make_daemon(write_config(tmp_path, {"local": fake.url}, jobs))
+    await daemon.poller.tick()
+    assert await states(daemon) == {done: "success", running: "running", pending: "queued"}
+
+    await fake.go_down()
+    await daemon.poller.tick()  # unreachable: nobody is lost for that
+    assert await states(daemon) == {done: "success", running: "running", pending: "queued"}
+    await fake.restart()  # back, with an empty memory
+    for _ in range(3):
+        clock.advance(120)  # past any backoff
+        await daemon.poller.tick()
+    final = await daemon.store.jobs(JobFilter())
+    by_id = {r.job.prompt_id: (r.job.state, r.job.reason) for r in final}
+    assert by_id == {
+        done: ("success", "finished"),
+        running: ("lost", "server_restarted"),
+        pending: ("lost", "server_restarted"),
+    }
+
+
+async def test_never_seen_prompt_is_not_found_after_the_grace_period(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon, clock: Clock
+) -> None:
+    ghost = str(uuid.uuid4())
+    daemon = await make_daemon(write_config(tmp_path, {"local": fake.url}, [spec(ghost)]))
+    await daemon.poller.tick()
+    await daemon.poller.tick()
+    assert (await job(daemon, ghost)).job.state == "registered"
+    clock.advance(61)
+    await daemon.poller.tick()
+    j = (await job(daemon, ghost)).job
+    assert (j.state, j.reason) == ("not_found", "never_seen")
+
+
+async def test_deadlines_time_out_stuck_and_waiting_jobs(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon, clock: Clock
+) -> None:
+    fake.hold_running()
+    stuck = fake.submit()
+    waiting = fake.submit()
+    await fake.wait_running(stuck)
+    server = {"url": fake.url, "run_timeout_s": 30, "queue_timeout_s": 100}
+    daemon = await make_daemon(write_config(tmp_path, {"local": server}, [spec(stuck), spec(waiting)]))
+    await daemon.poller.tick()
+    clock.advance(31)
+    await daemon.poller.tick()
+    assert (await job(daemon, stuck)).job.reason == "run_timeout"
+    assert (await job(daemon, waiting)).job.state == "queued"
+    clock.advance(70)
+    await daemon.poller.tick()
+    w = (await job(daemon, waiting)).job
+    assert (w.state, w.reason) == ("timeout", "queue_timeout")
+    fake.release()  # finishing later changes nothing: terminal states never change
+    await fake.wait_finished(stuck)
+    await daemon.poller.tick()
+    assert (await job(daemon, stuck)).job.state == "timeout"
+
+
+async def test_server_down_for_a_while_then_back_loses_nothing(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon, clock: Clock
+) -> None:
+    fake.pause()
+    pids = [fake.submit() for _ in range(3)]
+    daemon = await make_daemon(write_config(tmp_path, {"local": fake.url}, [spec(p) for p in pids]))
+    await daemon.poller.tick()
+    await fake.go_down()
+    for _ in range(5):
+        clock.advance(600)  # far past not_found_after_s and every backoff
+        report = await daemon.poller.tick()
+        assert report.servers_failed in (0, 1)
+    assert set((await states(daemon)).values()) == {"queued"}
+    health = daemon.poller.health()["local"]
+    assert health.up is False and health.failures >= 1
+    await fake.come_up()
+    fake.resume()
+    for pid in pids:
+        await fake.wait_finished(pid)
+    clock.advance(600)
+    await daemon.poller.tick()
+    assert set((await states(daemon)).values()) == {"success"}
+
+
+async def test_several_servers_at_once_one_queue_call_each(
+    tmp_path: Path, fake: FakeComfyUI, fake2: FakeComfyUI, make_daemon: MakeDaemon
+) -> None:
+    """Per server and tick: one GET /queue; history only for prompts that left the queue."""
+    fake.pause()
+    fake2.pause()
+    a = [fake.submit() for _ in range(20)]
+    b = [fake2.submit() for _ in range(20)]
+    jobs = [spec(p, "one") for p in a] + [spec(p, "two") for p in b]
+    daemon = await make_daemon(write_config(tmp_path, {"one": fake.url, "two": fake2.url}, jobs))
+    await daemon.poller.tick()
+    assert fake.requests["GET /queue"] == 1 and fake2.requests["GET /queue"] == 1
+    assert fake.requests["GET /history/{id}"] == 0 and fake2.requests["GET /history/{id}"] == 0
+    fake2.resume()
+    for pid in b:
+        await fake2.wait_finished(pid)
+    await daemon.poller.tick()
+    assert fake2.requests["GET /history/{id}"] == 20
+    assert fake.requests["GET /history/{id}"] == 0
+    got = await states(daemon)
+    assert {got[p] for p in a} == {"queued"} and {got[p] for p in b} == {"success"}
+
+
+async def test_a_server_that_is_down_does_not_slow_the_others(
+    tmp_path: Path, fake: FakeComfyUI, fake2: FakeComfyUI, make_daemon: MakeDaemon
+) -> None:
+    p1, p2 = fake.submit(), fake2.submit()
+    await fake.wait_finished(p1)
+    await fake2.wait_finished(p2)
+    await fake.go_down()
+    config = write_config(tmp_path, {"one": fake.url, "two": fake2.url}, [spec(p1, "one"), spec(p2, "two")])
+    daemon = await make_daemon(config)
+    await daemon.poller.tick()
+    assert await states(daemon) == {p1: "registered", p2: "success"}
+
+
+async def test_job_dropped_in_while_running_is_tracked(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
+) -> None:
+    """A file written (then renamed) into jobs.d is picked up without a restart."""
+    first = fake.submit()
+    daemon = await make_daemon(write_config(tmp_path, {"local": fake.url}, [spec(first)]))
+    later = fake.submit()
+    runner = asyncio.create_task(daemon.run())
+    try:
+        tmp = tmp_path / "jobs.d" / ".batch.toml.tmp"
+        tmp.write_text(jobs_toml([spec(later, labels={"from": "drop-in"})]))
+        tmp.rename(tmp_path / "jobs.d" / "batch.toml")
+        await eventually(lambda: states(daemon), lambda s: s.get(later) == "success")
+        record = await job(daemon, later)
+        assert record.job.labels == {"from": "drop-in"}
+        assert record.job.source is not None and record.job.source.endswith("batch.toml")
+    finally:
+        daemon.request_stop()
+        assert await runner == 0
+
+
+async def test_broken_drop_in_on_reload_keeps_the_running_config(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
+) -> None:
+    first = fake.submit()
+    daemon = await make_daemon(write_config(tmp_path, {"local": fake.url}, [spec(first)]))
+    (tmp_path / "jobs.d" / "bad.toml").write_text("[[jobs]]\nserver = 'nowhere'\nprompt_id = 'x'\n")
+    assert await daemon.reload(why="test") is False
+    assert daemon.settings.servers.keys() == {"local"}
+    (tmp_path / "jobs.d" / "bad.toml").unlink()
+    good = fake.submit()
+    (tmp_path / "jobs.d" / "good.toml").write_text(jobs_toml([spec(good)]))
+    assert await daemon.reload(why="test") is True
+    assert good in await states(daemon)
+
+
+async def test_removed_job_keeps_its_history(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
+) -> None:
+    pid = fake.submit()
+    await fake.wait_finished(pid)
+    drop = tmp_path / "jobs.d" / "one.toml"
+    config = write_config(tmp_path, {"local": fake.url})
+    drop.write_text(jobs_toml([spec(pid)]))
+    daemon = await make_daemon(config)
+    await daemon.poller.tick()
+    drop.unlink()
+    assert await daemon.reload(why="test") is True
+    assert (await job(daemon, pid)).job.state == "success"
+
+
+async def test_until_done_returns_once_everything_is_terminal(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
+) -> None:
+    pids = [fake.submit() for _ in range(5)]
+    daemon = await make_daemon(write_config(tmp_path, {"local": fake.url}, [spec(p) for p in pids]))
+    assert await asyncio.wait_for(daemon.run(until_done=True), 30) == 0
+    assert set((await states(daemon)).values()) == {"success"}
+
+
+async def eventually(
+    get: Callable[[], Awaitable[Any]], ok: Callable[[Any], bool], timeout_s: float = 20
+) -> Any:
+    """Re-read a value until it satisfies ``ok`` (a bounded wait on a condition)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            value = await get()
+            if ok(value):
+                return value
+            await asyncio.sleep(0.02)
