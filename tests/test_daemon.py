@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from comfywatch.service import Daemon
-from comfywatch.states import JobState
 from comfywatch.store import JobFilter, JobRecord
 from comfywatch.testing import FakeComfyUI
 
@@ -55,7 +54,12 @@ async def test_success_walks_through_queued_running_success(
     await daemon.poller.tick()
     record = await job(daemon, pid)
     j = record.job
-    assert (j.state, j.reason, j.status_str, j.completed) == ("success", "finished", "success", True)
+    assert (j.state, j.reason, j.status_str, j.completed) == (
+        "success",
+        "finished",
+        "success",
+        True,
+    )
     assert j.labels == {"batch": "b1"}
     assert j.comfy_started_at_ms is not None and j.comfy_finished_at_ms is not None
     assert j.registered_at <= j.detected_at  # type: ignore[operator]
@@ -88,8 +92,7 @@ async def test_error_and_interrupt_are_recorded_with_their_fields(
 async def test_interrupt_over_http_while_running(
     tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
 ) -> None:
-    fake.hold_running()
-    pid = fake.submit()
+    pid = fake.submit(run_time_s=600)
     await fake.wait_running(pid)
     daemon = await make_daemon(write_config(tmp_path, {"local": fake.url}, [spec(pid)]))
     await daemon.poller.tick()
@@ -166,7 +169,9 @@ async def test_deadlines_time_out_stuck_and_waiting_jobs(
     waiting = fake.submit()
     await fake.wait_running(stuck)
     server = {"url": fake.url, "run_timeout_s": 30, "queue_timeout_s": 100}
-    daemon = await make_daemon(write_config(tmp_path, {"local": server}, [spec(stuck), spec(waiting)]))
+    daemon = await make_daemon(
+        write_config(tmp_path, {"local": server}, [spec(stuck), spec(waiting)])
+    )
     await daemon.poller.tick()
     clock.advance(31)
     await daemon.poller.tick()
@@ -236,7 +241,9 @@ async def test_a_server_that_is_down_does_not_slow_the_others(
     await fake.wait_finished(p1)
     await fake2.wait_finished(p2)
     await fake.go_down()
-    config = write_config(tmp_path, {"one": fake.url, "two": fake2.url}, [spec(p1, "one"), spec(p2, "two")])
+    config = write_config(
+        tmp_path, {"one": fake.url, "two": fake2.url}, [spec(p1, "one"), spec(p2, "two")]
+    )
     daemon = await make_daemon(config)
     await daemon.poller.tick()
     assert await states(daemon) == {p1: "registered", p2: "success"}

@@ -355,9 +355,7 @@ async def _hooks(store: Store, args: argparse.Namespace) -> int:
         count = await store.revive_deliveries(args.ids, all_dead=args.all_dead, now_s=time.time())
         print(f"{count} deliver{'y' if count == 1 else 'ies'} queued again")
         return EX_OK if count or args.all_dead else EX_FAILURE
-    rows_data = await store.deliveries(
-        states=[args.state] if args.state else (), limit=args.limit
-    )
+    rows_data = await store.deliveries(states=[args.state] if args.state else (), limit=args.limit)
     items = [delivery_json(d, j) for d, j in rows_data]
     if args.json:
         _print_json(items)

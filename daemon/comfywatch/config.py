@@ -25,17 +25,20 @@ import re
 import shutil
 import stat
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, Literal, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from comfywatch.errors import ConfigError
 from comfywatch.states import TERMINAL_STATES, JobState
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 __all__ = [
     "CONFIG_ENV_VAR",
@@ -113,10 +116,10 @@ class RedactedHeaders(Mapping[str, str]):
         return "{" + ", ".join(f"{name!r}: '***'" for name in self._items) + "}"
 
 
-def _repr(obj: object, **shown: str) -> str:
+def _repr(obj: DataclassInstance, **shown: str) -> str:
     """A dataclass repr where the fields named in ``shown`` are replaced by that text."""
     parts: list[str] = []
-    for item in dataclasses.fields(obj):  # type: ignore[arg-type]
+    for item in dataclasses.fields(obj):
         if not item.repr:
             continue
         text = shown.get(item.name)
@@ -234,12 +237,6 @@ class Settings:
 def _check_no_nul(value: str) -> str:
     if "\x00" in value:
         raise ValueError("must not contain a NUL character")
-    return value
-
-
-def _check_name(value: str) -> str:
-    if not _NAME_RE.fullmatch(value):
-        raise ValueError("names may only use letters, digits, '_', '.' and '-'")
     return value
 
 
@@ -438,7 +435,11 @@ class _KeyLineScanner:
         self._advance((len(self.text) if end < 0 else end + 1) - self.pos)
 
     def _record(self, path: KeyPath) -> None:
-        self.lines.setdefault(path, self.line)
+        """Records ``path`` and the tables it implies (``[a.b]`` defines ``a`` too)."""
+        for size in range(len(path), 0, -1):
+            if path[:size] in self.lines:
+                break
+            self.lines[path[:size]] = self.line
 
     def _resolve(self, keys: list[str]) -> KeyPath:
         """A header's keys as a path, with the current index of each array of tables."""
@@ -640,7 +641,7 @@ def format_key(loc: KeyPath) -> str:
 # -------------------------------------------------------------------------- helpers
 
 
-def _suggest(name: str, candidates: Iterator[str] | tuple[str, ...] | list[str]) -> str:
+def _suggest(name: str, candidates: Iterable[str]) -> str:
     matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {matches[0]!r}?)" if matches else ""
 
@@ -869,10 +870,9 @@ def _validate(
         return model.model_validate(data)
     except ValidationError as exc:
         problems = [_explain(error, model, other) for error in exc.errors(include_url=False)]
-    # Raised outside the except block so the pydantic error (which quotes input values,
-    # secrets included) is not chained to ours.
-    # The first problem in file order wins, but a missing key ranks last: an unknown key
-    # nearby ("promt_id") is usually why it is missing, and says more.
+    # Raised outside the except block, so the pydantic error (which quotes input values,
+    # secrets included) is not chained to ours. The first problem in file order wins, but
+    # a missing key ranks last: a misspelt key nearby ("promt_id") says more.
     located = [((*loc, *sub), message, kind == "missing") for sub, message, kind in problems]
     first_loc, message, _ = min(
         located, key=lambda item: (item[2], doc.line_of(item[0]) or 1 << 30, len(item[0]))

@@ -78,7 +78,8 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self._reload_event = asyncio.Event()
         self._wake = asyncio.Event()
-        self._fingerprint = config_fingerprint(settings)
+        # Taken before the files were read, so an edit made during a load is not missed.
+        self._fingerprint = settings.fingerprint
         self._last_prune_s = 0.0
         d = settings.daemon
         self.poller = Poller(
@@ -136,10 +137,12 @@ class Daemon:
             added = await self.store.register(new_jobs(settings), self._clock())
         except (ConfigError, StoreError) as exc:
             log.error("reload_failed", why=why, error=str(exc), kept="previous configuration")
+            # Do not try again until the files change again.
+            self._fingerprint = config_fingerprint(self.settings)
             return False
         finally:
-            self._fingerprint = self._safe_fingerprint()
             self.notifier.notify(ready=True, status=self._status_line())
+        self._fingerprint = settings.fingerprint
         for client in self.poller.configure(servers=settings.servers, hooks=settings.hooks):
             await client.close()
         self.dispatcher.configure(hooks=settings.hooks)
@@ -150,14 +153,8 @@ class Daemon:
         log.info("config_reloaded", why=why, jobs_configured=len(settings.jobs), jobs_added=added)
         return True
 
-    def _safe_fingerprint(self) -> tuple[object, ...] | None:
-        try:
-            return config_fingerprint(self.settings)
-        except (ConfigError, OSError):
-            return None
-
     def _config_changed(self) -> bool:
-        return bool(self._safe_fingerprint() != self._fingerprint)
+        return config_fingerprint(self.settings) != self._fingerprint
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -266,9 +263,7 @@ async def run_daemon(settings: Settings, *, until_done: bool = False) -> int:
         if settings.daemon.http_host is not None and settings.daemon.http_port is not None:
             from comfywatch.web import start_http
 
-            server = await start_http(
-                daemon, settings.daemon.http_host, settings.daemon.http_port
-            )
+            server = await start_http(daemon, settings.daemon.http_host, settings.daemon.http_port)
         try:
             return await daemon.run(until_done=until_done)
         finally:

@@ -506,6 +506,18 @@ class Store:
                 total += len(ids)
             await asyncio.sleep(0)  # let tracking run between batches
 
+    async def next_delivery_at_excluding(self, ids: Sequence[int]) -> datetime | None:
+        """The earliest next attempt time of pending deliveries other than ``ids``.
+
+        The hook dispatcher passes the deliveries it is sending right now: they are still
+        pending (a row changes only after its attempt), so they would always look due.
+        """
+        cond = HookDelivery.state == DeliveryState.PENDING
+        if ids:
+            cond = and_(cond, HookDelivery.id.not_in(list(ids)))
+        async with self._session() as session:
+            return await session.scalar(select(func.min(HookDelivery.next_attempt_at)).where(cond))
+
 
 def _job_values(change: Change, now: datetime) -> dict[str, Any]:
     values: dict[str, Any] = {"state": change.state.value, "updated_at": now}

@@ -1,0 +1,114 @@
+"""The command line end to end: real subprocesses, a fake ComfyUI, a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from comfywatch.testing import FakeComfyUI
+
+from .conftest import write_config
+
+
+async def comfywatch(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run ``python -m comfywatch ARGS`` without blocking the fake server in this loop."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "comfywatch",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_run_until_done_then_query_jobs_and_show(tmp_path: Path, fake: FakeComfyUI) -> None:
+    ok = fake.submit()
+    bad = fake.submit(outcome="error")
+    jobs: list[dict[str, Any]] = [
+        {"server": "local", "prompt_id": ok, "labels": {"batch": "b1"}},
+        {"server": "local", "prompt_id": bad, "labels": {"batch": "b2"}},
+    ]
+    config = write_config(tmp_path, {"local": fake.url}, jobs)
+    code, out, err = await comfywatch("run", "--config", str(config), "--until-done")
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]  # JSON logs: stdout is a pipe
+    assert {e["event"] for e in lines} >= {"daemon_started", "job_finished", "all_done"}
+
+    code, out, _ = await comfywatch("jobs", "--config", str(config), "--json")
+    assert code == 0
+    listed = {j["prompt_id"]: j for j in json.loads(out)}
+    assert listed[ok]["state"] == "success" and listed[bad]["state"] == "error"
+    for job in listed.values():
+        for key in (
+            "server",
+            "status_str",
+            "completed",
+            "registered_at",
+            "queued_at",
+            "started_at",
+            "finished_at",
+            "detected_at",
+            "labels",
+            "error",
+            "outputs",
+            "reason",
+        ):
+            assert key in job
+
+    code, out, _ = await comfywatch(
+        "jobs", "--config", str(config), "--json", "--label", "batch=b2"
+    )
+    assert [j["prompt_id"] for j in json.loads(out)] == [bad]
+    code, out, _ = await comfywatch("jobs", "--config", str(config), "--state", "success")
+    assert code == 0 and ok in out and bad not in out and "STATE" in out
+
+    code, out, _ = await comfywatch("show", bad, "--config", str(config), "--json")
+    shown = json.loads(out)
+    assert shown["error"]["node_type"] and shown["error"]["exception_message"]
+    assert shown["finished_at"].endswith("Z")
+    code, out, _ = await comfywatch("show", ok, "--config", str(config))
+    assert code == 0 and "success" in out and "images[0]" in out
+    code, _, err = await comfywatch("show", "no-such-id", "--config", str(config))
+    assert code == 1 and "no-such-id" in err
+
+
+async def test_config_from_environment_variable(tmp_path: Path, fake: FakeComfyUI) -> None:
+    config = write_config(tmp_path, {"local": fake.url})
+    code, out, err = await comfywatch("check-config", env={"COMFYWATCH_CONFIG": str(config)})
+    assert code == 0, err
+    assert "local" in out and fake.url in out
+
+
+async def test_broken_config_at_start_exits_78_naming_file_and_key(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"local": "http://127.0.0.1:1"})
+    config.write_text(config.read_text() + "\n[servers.other]\nurll = 'http://x'\n")
+    code, _, err = await comfywatch("run", "--config", str(config))
+    assert code == 78
+    assert str(config) in err and "servers.other" in err and "urll" in err
+
+
+async def test_job_for_unknown_server_is_a_config_error(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, {"local": "http://127.0.0.1:1"}, [{"server": "elsewhere", "prompt_id": "p"}]
+    )
+    code, _, err = await comfywatch("check-config", "--config", str(config))
+    assert code == 78 and "elsewhere" in err and "jobs" in err
+
+
+async def test_migrate_then_query_empty_database(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"local": "http://127.0.0.1:1"})
+    code, _, err = await comfywatch("jobs", "--config", str(config))
+    assert code == 69 and "does not exist" in err
+    code, out, err = await comfywatch("migrate", "--config", str(config))
+    assert code == 0, err
+    code, out, _ = await comfywatch("jobs", "--config", str(config), "--json")
+    assert code == 0 and json.loads(out) == []

@@ -1,0 +1,879 @@
+"""The fake ComfyUI (comfywatch.testing), over real sockets, against a real server's answers.
+
+The reference answers in tests/fixtures/ were recorded from ComfyUI 0.3.64.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from comfywatch.testing import (
+    COMFYUI_VERSION,
+    FAULTS,
+    FakeComfyUI,
+    PromptRejected,
+    default_graph,
+    serve,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+JSON_CT = "application/json; charset=utf-8"
+
+
+def load_entry(name: str) -> tuple[str, dict[str, Any]]:
+    """The (prompt id, entry) of a recorded ``GET /history/{id}`` answer."""
+    body = json.loads((FIXTURES / name).read_text(encoding="utf-8"))
+    ((prompt_id, entry),) = body.items()
+    return prompt_id, entry
+
+
+def shape(value: Any) -> Any:
+    """Types and key order of a JSON value, without the values."""
+    if isinstance(value, dict):
+        return {key: shape(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [shape(item) for item in value]
+    return type(value).__name__
+
+
+def messages(entry: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(name, data keys in order) of each status message."""
+    return [(name, list(data)) for name, data in entry["status"]["messages"]]
+
+
+def timestamps(entry: dict[str, Any]) -> list[int]:
+    return [data["timestamp"] for _, data in entry["status"]["messages"]]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeComfyUI]:
+    server = FakeComfyUI(run_time_s=0.01)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
+    async with http.get(url) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == JSON_CT
+        return await response.json()
+
+
+async def post_json(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
+    async with http.post(url, json=body) as response:
+        text = await response.text()
+        return response.status, (json.loads(text) if text else None)
+
+
+# ---------------------------------------------------------------------- history entries
+
+
+async def test_success_entry_equals_the_recorded_one_but_for_timestamps(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    """The recorded graph, id and client id give the recorded entry, with our own clock."""
+    prompt_id, recorded = load_entry("success_saveimage_history.json")
+    status, answer = await post_json(
+        http,
+        f"{fake.url}/prompt",
+        {"prompt": recorded["prompt"][2], "prompt_id": prompt_id, "client_id": "fixture"},
+    )
+    assert (status, answer) == (200, {"prompt_id": prompt_id, "number": 0, "node_errors": {}})
+
+    await fake.wait_finished(prompt_id)
+    body = await get_json(http, f"{fake.url}/history/{prompt_id}")
+    entry = body[prompt_id]
+
+    start, cached, end = timestamps(entry)
+    assert start == cached <= end
+    for _, data in recorded["status"]["messages"] + entry["status"]["messages"]:
+        data["timestamp"] = 0
+    assert entry == recorded
+    assert json.dumps(entry) == json.dumps(recorded)  # key order too
+
+
+async def test_error_entry_has_the_recorded_shape(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    prompt_id, recorded = load_entry("runtime_error_history.json")
+    fake.submit(
+        recorded["prompt"][2],
+        prompt_id=prompt_id,
+        outcome="error",
+        extra_data={"client_id": "fixture"},
+    )
+    await fake.wait_finished(prompt_id)
+    entry = (await get_json(http, f"{fake.url}/history/{prompt_id}"))[prompt_id]
+
+    assert list(entry) == list(recorded)
+    assert entry["prompt"][0] == 0  # a fresh server (the recording's was 8)
+    assert entry["prompt"][1:4] == recorded["prompt"][1:4]
+    assert sorted(entry["prompt"][4]) == sorted(recorded["prompt"][4])
+    assert entry["status"]["status_str"] == "error"
+    assert entry["status"]["completed"] is False
+    assert messages(entry) == messages(recorded)
+    error = entry["status"]["messages"][-1][1]
+    real_error = recorded["status"]["messages"][-1][1]
+    assert {k: type(v) for k, v in error.items()} == {k: type(v) for k, v in real_error.items()}
+    # The failing node and what ran before it are the recorded ones for this graph.
+    assert (error["node_id"], error["node_type"]) == ("4", "SaveImage")
+    assert sorted(error["executed"]) == sorted(real_error["executed"])
+    assert error["exception_type"] == "Exception"
+    assert error["traceback"]
+    assert all(isinstance(frame, str) for frame in error["traceback"])
+    assert error["current_inputs"]["filename_prefix"] == ["../outside/fixture"]
+    # The preview that ran before the failure is a partial output, as recorded.
+    assert shape(entry["outputs"]) == shape(recorded["outputs"])
+    temp = entry["outputs"]["2"]["images"][0]
+    assert re.fullmatch(r"ComfyUI_temp_[a-z]{5}_00001_\.png", temp["filename"])
+    assert (temp["subfolder"], temp["type"]) == ("", "temp")
+    assert entry["meta"] == recorded["meta"]
+    assert prompt_id in json.dumps(entry)
+    start, _, end = timestamps(entry)
+    assert start <= end
+
+
+async def test_interrupted_entry_has_the_recorded_shape(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    """A long prompt interrupted over HTTP ends with an execution_interrupted entry."""
+    prompt_id, recorded = load_entry("interrupted_history.json")
+    fake.submit(
+        recorded["prompt"][2],
+        prompt_id=prompt_id,
+        run_time_s=60,
+        extra_data={"client_id": "fixture"},
+    )
+    await fake.wait_running(prompt_id)
+    async with http.post(f"{fake.url}/interrupt", json={"prompt_id": prompt_id}) as response:
+        assert response.status == 200
+        assert await response.read() == b""
+    await fake.wait_finished(prompt_id)
+    entry = (await get_json(http, f"{fake.url}/history/{prompt_id}"))[prompt_id]
+
+    assert list(entry) == list(recorded)
+    assert entry["prompt"][1:] == recorded["prompt"][1:]
+    assert (entry["status"]["status_str"], entry["status"]["completed"]) == ("error", False)
+    assert messages(entry) == messages(recorded)
+    assert shape(entry["status"]) == {
+        **shape(recorded["status"]),
+        "messages": [
+            *shape(recorded["status"]["messages"])[:2],
+            ["str", {**shape(recorded["status"]["messages"][2][1]), "executed": ["str"] * 6}],
+        ],
+    }
+    interrupted = entry["status"]["messages"][-1][1]
+    assert interrupted["node_id"] in recorded["prompt"][2]
+    assert "exception_message" not in interrupted
+    assert entry["outputs"] == recorded["outputs"] == {}
+    assert entry["meta"] == recorded["meta"] == {}
+
+
+async def test_outcome_is_scriptable_over_http(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    ids = {}
+    for outcome in ("success", "error", "interrupted"):
+        status, answer = await post_json(
+            http,
+            f"{fake.url}/prompt",
+            {
+                "prompt": default_graph(),
+                "extra_data": {"comfywatch_fake": {"outcome": outcome, "run_time_s": 0}},
+            },
+        )
+        assert status == 200
+        ids[outcome] = answer["prompt_id"]
+    expected = {
+        "success": ("success", True, "execution_success"),
+        "error": ("error", False, "execution_error"),
+        "interrupted": ("error", False, "execution_interrupted"),
+    }
+    for outcome, prompt_id in ids.items():
+        entry = await fake.wait_finished(prompt_id)
+        status = entry["status"]
+        assert (status["status_str"], status["completed"], status["messages"][-1][0]) == (
+            expected[outcome]
+        )
+        assert entry["prompt"][3]["comfywatch_fake"]["outcome"] == outcome
+    success = (await fake.wait_finished(ids["success"]))["outputs"]
+    assert success == {
+        "2": {"images": [{"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}]}
+    }
+
+    status, answer = await post_json(
+        http,
+        f"{fake.url}/prompt",
+        {"prompt": default_graph(), "extra_data": {"comfywatch_fake": {"outcome": "maybe"}}},
+    )
+    assert status == 400
+    assert answer["error"]["type"] == "invalid_comfywatch_fake"
+
+
+async def test_output_files_count_up_per_prefix_and_can_be_viewed(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    first = await fake.wait_finished(fake.submit(default_graph("shots/cat")))
+    second = await fake.wait_finished(fake.submit(default_graph("shots/cat")))
+    records = [entry["outputs"]["2"]["images"][0] for entry in (first, second)]
+    assert records == [
+        {"filename": "cat_00001_.png", "subfolder": "shots", "type": "output"},
+        {"filename": "cat_00002_.png", "subfolder": "shots", "type": "output"},
+    ]
+    view = f"{fake.url}/view"
+    params = {"filename": "cat_00002_.png", "subfolder": "shots", "type": "output"}
+    async with http.get(view, params=params) as response:
+        assert response.status == 200
+        assert response.content_type == "image/png"
+        assert (await response.read()).startswith(b"\x89PNG\r\n\x1a\n")
+    async with http.get(view, params={**params, "filename": "cat_00003_.png"}) as response:
+        assert response.status == 404
+    async with http.get(view, params={**params, "filename": "../etc/passwd"}) as response:
+        assert response.status == 400
+    async with http.get(view, params={**params, "subfolder": "../x"}) as response:
+        assert response.status == 403
+
+
+# ---------------------------------------------------------------------- queue and history
+
+
+async def test_queue_items_have_the_recorded_shape(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    recorded = json.loads((FIXTURES / "queue_1_running_3_pending.json").read_text())
+    fake.hold_running()
+    ids = [fake.submit(extra_data={"client_id": "fixture"}) for _ in range(4)]
+    await fake.wait_running(ids[0])
+
+    queue = await get_json(http, f"{fake.url}/queue")
+    assert list(queue) == list(recorded)
+    assert [item[1] for item in queue["queue_running"]] == ids[:1]
+    assert sorted(item[1] for item in queue["queue_pending"]) == sorted(ids[1:])
+    assert sorted(item[0] for item in queue["queue_pending"]) == [1, 2, 3]
+    real_item = recorded["queue_pending"][0]
+    for item in queue["queue_running"] + queue["queue_pending"]:
+        assert [type(part) for part in item] == [type(part) for part in real_item]
+        assert item[3] == real_item[3] == {"client_id": "fixture"}
+        assert item[4] == ["2"]
+    assert await get_json(http, f"{fake.url}/prompt") == {"exec_info": {"queue_remaining": 4}}
+    for prompt_id in ids:
+        assert await get_json(http, f"{fake.url}/history/{prompt_id}") == {}
+    assert fake.queue_snapshot() == queue
+
+
+async def test_queue_then_history_never_misses_a_prompt(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    """The running→history move is atomic, so queue-then-history always finds a prompt."""
+    ids = [fake.submit(run_time_s=0) for _ in range(25)]
+    unseen = set(ids)
+    while unseen:
+        queue = await get_json(http, f"{fake.url}/queue")
+        in_line = {item[1] for item in queue["queue_running"] + queue["queue_pending"]}
+        for prompt_id in sorted(unseen - in_line):
+            history = await get_json(http, f"{fake.url}/history/{prompt_id}")
+            assert prompt_id in history, f"{prompt_id} left the queue without a history entry"
+            unseen.discard(prompt_id)
+    numbers = [(await fake.wait_finished(prompt_id))["prompt"][0] for prompt_id in ids]
+    assert numbers == list(range(25))
+
+
+async def test_deleted_pending_prompt_never_gets_history(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    fake.pause()
+    keep, drop = fake.submit(), fake.submit()
+    async with http.post(f"{fake.url}/queue", json={"delete": [drop, "unknown"]}) as response:
+        assert response.status == 200
+        assert await response.read() == b""
+    queue = await get_json(http, f"{fake.url}/queue")
+    assert [item[1] for item in queue["queue_pending"]] == [keep]
+    fake.resume()
+    await fake.wait_finished(keep)
+    assert await get_json(http, f"{fake.url}/queue") == {"queue_running": [], "queue_pending": []}
+    assert await get_json(http, f"{fake.url}/history/{drop}") == {}
+    assert fake.history_entry(drop) is None
+
+
+async def test_queue_clear_and_history_delete_and_clear(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    done = [await fake.wait_finished(fake.submit()) for _ in range(3)]
+    ids = [entry["prompt"][1] for entry in done]
+    fake.pause()
+    waiting = [fake.submit() for _ in range(2)]
+    assert (await post_json(http, f"{fake.url}/queue", {"clear": True}))[0] == 200
+    assert (await get_json(http, f"{fake.url}/queue"))["queue_pending"] == []
+    assert all(fake.history_entry(p) is None for p in waiting)
+
+    assert (await post_json(http, f"{fake.url}/history", {"delete": [ids[0]]}))[0] == 200
+    assert list(await get_json(http, f"{fake.url}/history")) == ids[1:]
+    assert (await post_json(http, f"{fake.url}/history", {"clear": True}))[0] == 200
+    assert await get_json(http, f"{fake.url}/history") == {}
+
+
+async def test_history_list_pages_like_comfyui(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    ids = [fake.submit(run_time_s=0) for _ in range(5)]
+    await fake.wait_finished(ids[-1])
+    base = f"{fake.url}/history"
+    assert list(await get_json(http, base)) == ids
+    assert list(await get_json(http, f"{base}?max_items=2")) == ids[3:]  # newest, oldest first
+    assert list(await get_json(http, f"{base}?max_items=2&offset=0")) == ids[:2]
+    assert list(await get_json(http, f"{base}?offset=3")) == ids[3:]
+    assert list(await get_json(http, f"{base}?max_items=9")) == ids
+    async with http.get(f"{base}?max_items=many") as response:
+        assert response.status == 500
+    assert await get_json(http, f"{base}/not-a-uuid") == {}
+
+
+async def test_history_keeps_one_more_than_its_cap_like_comfyui(fake: FakeComfyUI) -> None:
+    fake.max_history_size = 3
+    ids = [fake.submit(run_time_s=0) for _ in range(5)]
+    await fake.wait_finished(ids[-1])
+    assert [fake.history_entry(p) is not None for p in ids] == [False, True, True, True, True]
+
+
+# ---------------------------------------------------------------------- POST /prompt
+
+
+async def test_post_prompt_rejections_match_comfyui(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    url = f"{fake.url}/prompt"
+    status, answer = await post_json(http, url, {"client_id": "x"})
+    assert (status, answer) == (
+        400,
+        {
+            "error": {
+                "type": "no_prompt",
+                "message": "No prompt provided",
+                "details": "No prompt provided",
+                "extra_info": {},
+            },
+            "node_errors": {},
+        },
+    )
+    no_outputs = {"1": {"class_type": "EmptyImage", "inputs": {}}}
+    status, answer = await post_json(http, url, {"prompt": no_outputs})
+    assert (status, answer) == (
+        400,
+        {
+            "error": {
+                "type": "prompt_no_outputs",
+                "message": "Prompt has no outputs",
+                "details": "",
+                "extra_info": {},
+            },
+            "node_errors": {},
+        },
+    )
+    status, answer = await post_json(http, url, {"prompt": {"1": {"inputs": {}}}})
+    assert status == 400
+    assert answer["error"]["type"] == "invalid_prompt"
+    async with http.post(url, data=b"{not json") as response:
+        assert response.status == 500
+        assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+        assert await response.text() == "500 Internal Server Error\n\nServer got itself in trouble"
+    # Every 400 used up a number; the 500 did not.
+    status, answer = await post_json(http, url, {"prompt": default_graph()})
+    assert (status, answer["number"]) == (200, 3)
+    with pytest.raises(PromptRejected):
+        fake.submit(no_outputs)
+    assert (await post_json(http, url, {"prompt": default_graph()}))[1]["number"] == 5
+
+
+async def test_client_prompt_id_and_extra_data_are_echoed(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    graph = {"9": {"class_type": "MyNode", "inputs": {}, "_output": True}}
+    status, answer = await post_json(
+        http,
+        f"{fake.url}/api/prompt",
+        {"prompt": graph, "prompt_id": "mine", "client_id": "c1", "extra_data": {"note": "x"}},
+    )
+    assert (status, answer["prompt_id"]) == (200, "mine")
+    entry = await fake.wait_finished("mine")
+    assert entry["prompt"][2:] == [graph, {"note": "x", "client_id": "c1"}, ["9"]]
+
+
+# ---------------------------------------------------------------------- controls
+
+
+async def test_pause_keeps_prompts_pending(fake: FakeComfyUI, http: aiohttp.ClientSession) -> None:
+    fake.pause()
+    prompt_id = fake.submit()
+    queue = await get_json(http, f"{fake.url}/queue")
+    assert (queue["queue_running"], [i[1] for i in queue["queue_pending"]]) == ([], [prompt_id])
+    assert await get_json(http, f"{fake.url}/prompt") == {"exec_info": {"queue_remaining": 1}}
+    fake.resume()
+    entry = await fake.wait_finished(prompt_id)
+    assert entry["status"]["status_str"] == "success"
+
+
+async def test_hold_running_is_a_stuck_worker(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    fake.hold_running()
+    first, second = fake.submit(run_time_s=0), fake.submit(run_time_s=0)
+    await fake.wait_running(first)
+    for _ in range(3):  # however often one looks, nothing moves
+        queue = await get_json(http, f"{fake.url}/queue")
+        assert [i[1] for i in queue["queue_running"]] == [first]
+        assert [i[1] for i in queue["queue_pending"]] == [second]
+        assert await get_json(http, f"{fake.url}/history/{first}") == {}
+    fake.release()
+    await fake.wait_finished(second)
+    assert fake.history_entry(first) is not None
+
+
+async def test_interrupt_only_hits_the_running_prompt(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    """A held prompt sees interrupts at release, which makes the effect deterministic."""
+    async with http.post(f"{fake.url}/interrupt") as response:  # idle, no body
+        assert response.status == 200
+
+    fake.hold_running()
+    spared = fake.submit(run_time_s=0)
+    await fake.wait_running(spared)
+    assert (await post_json(http, f"{fake.url}/interrupt", {"prompt_id": "other"}))[0] == 200
+    fake.release()
+    assert (await fake.wait_finished(spared))["status"]["messages"][-1][0] == "execution_success"
+
+    fake.hold_running()
+    hit = fake.submit(run_time_s=0)
+    await fake.wait_running(hit)
+    assert (await post_json(http, f"{fake.url}/interrupt", {"prompt_id": hit}))[0] == 200
+    fake.release()
+    entry = await fake.wait_finished(hit)
+    assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+
+    long_one = fake.submit(run_time_s=60)
+    await fake.wait_running(long_one)
+    fake.interrupt()
+    entry = await fake.wait_finished(long_one)
+    assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+
+
+async def test_restart_forgets_everything_on_the_same_port(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    url = fake.url
+    finished = fake.submit(run_time_s=0)
+    await fake.wait_finished(finished)
+    fake.hold_running()
+    running = fake.submit()
+    pending = fake.submit()
+    await fake.wait_running(running)
+    async with http.ws_connect(f"{url}/ws") as ws:
+        await ws.receive_json()
+        await fake.restart()
+        message = await ws.receive()
+        assert message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSE)
+
+    assert fake.url == url
+    assert await get_json(http, f"{url}/queue") == {"queue_running": [], "queue_pending": []}
+    assert await get_json(http, f"{url}/history") == {}
+    for prompt_id in (finished, running, pending):
+        assert await get_json(http, f"{url}/history/{prompt_id}") == {}
+    status, answer = await post_json(http, f"{url}/prompt", {"prompt": default_graph()})
+    assert (status, answer["number"]) == (200, 0)
+    await fake.wait_finished(answer["prompt_id"])  # the worker is not stuck any more
+
+
+async def test_go_down_refuses_connections_while_prompts_keep_running(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    fake.hold_running()
+    prompt_id = fake.submit()
+    await fake.wait_running(prompt_id)
+    await fake.go_down()
+    assert not fake.is_up
+    async with aiohttp.ClientSession() as fresh:
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await fresh.get(f"{fake.url}/queue")
+    fake.release()
+    await fake.wait_finished(prompt_id)
+    await fake.come_up()
+    assert prompt_id in await get_json(http, f"{fake.url}/history/{prompt_id}")
+    status, answer = await post_json(http, f"{fake.url}/prompt", {"prompt": default_graph()})
+    assert (status, answer["number"]) == (200, 1)  # the same "process": numbers go on
+
+    await fake.go_down(forget=True)
+    await fake.come_up()
+    assert await get_json(http, f"{fake.url}/history/{prompt_id}") == {}
+    status, answer = await post_json(http, f"{fake.url}/prompt", {"prompt": default_graph()})
+    assert answer["number"] == 0
+
+
+async def test_stop_then_start_keeps_state_and_reruns_the_running_prompt(
+    http: aiohttp.ClientSession,
+) -> None:
+    fake = FakeComfyUI(run_time_s=0)
+    done = fake.submit()  # queued before the server starts
+    await fake.start()
+    try:
+        await fake.wait_finished(done)
+        fake.hold_running()
+        stuck = fake.submit()
+        await fake.wait_running(stuck)
+        await fake.stop()
+        assert fake.queue_snapshot()["queue_running"][0][1] == stuck
+        fake.release()
+        await fake.start()
+        await fake.wait_finished(stuck)
+        assert fake.history_entry(done) is not None
+    finally:
+        await fake.stop()
+
+
+async def test_api_prefix_answers_the_same_and_counts_as_the_same_route(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    prompt_id = await fake.wait_finished(fake.submit())
+    pid = prompt_id["prompt"][1]
+    for path in ("/queue", "/prompt", f"/history/{pid}", "/history?max_items=1", "/system_stats"):
+        plain = await get_json(http, f"{fake.url}{path}")
+        assert await get_json(http, f"{fake.url}/api{path}") == plain
+    assert fake.requests["GET /queue"] == 2
+    assert fake.requests["GET /history/{id}"] == 2
+    assert fake.requests["GET /history"] == 2
+    async with http.get(f"{fake.url}/api/jobs") as response:  # 0.6.0+ only
+        assert response.status == 404
+
+
+async def test_system_stats_match_the_recorded_shape(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    recorded = json.loads((FIXTURES / "server_info_system_stats.json").read_text())
+    stats = await get_json(http, f"{fake.url}/system_stats")
+    assert shape(stats) == shape(recorded)
+    assert stats["system"]["comfyui_version"] == COMFYUI_VERSION == "0.3.64"
+    assert str(fake.port) in stats["system"]["argv"]
+
+
+async def test_required_headers(http: aiohttp.ClientSession) -> None:
+    fake = FakeComfyUI(required_headers={"Authorization": "Bearer s3cret"})
+    await fake.start()
+    try:
+        async with http.get(f"{fake.url}/queue") as response:
+            assert response.status == 401
+            assert await response.text() == "Unauthorized"
+        wrong = {"Authorization": "Bearer nope"}
+        async with http.get(f"{fake.url}/api/prompt", headers=wrong) as response:
+            assert response.status == 401
+        with pytest.raises(aiohttp.WSServerHandshakeError) as handshake:
+            await http.ws_connect(f"{fake.url}/ws")
+        assert handshake.value.status == 401
+        good = {"Authorization": "Bearer s3cret"}
+        async with http.get(f"{fake.url}/queue", headers=good) as response:
+            assert response.status == 200
+        async with http.ws_connect(f"{fake.url}/ws", headers=good) as ws:
+            assert (await ws.receive_json())["type"] == "status"
+        assert fake.requests["GET /queue"] == 2
+    finally:
+        await fake.stop()
+
+
+# ---------------------------------------------------------------------- WebSocket
+
+
+async def status_of(ws: aiohttp.ClientWebSocketResponse) -> int:
+    message = await ws.receive_json()
+    assert message["type"] == "status", message
+    return int(message["data"]["status"]["exec_info"]["queue_remaining"])
+
+
+async def test_ws_broadcasts_status_on_every_queue_change(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    async with http.ws_connect(f"{fake.url}/ws?clientId=watcher") as ws:
+        assert await ws.receive_json() == {
+            "type": "status",
+            "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "watcher"},
+        }
+        fake.pause()
+        kept, dropped = fake.submit(run_time_s=0), fake.submit(run_time_s=0)
+        assert [await status_of(ws), await status_of(ws)] == [1, 2]  # put, put
+        fake.delete_from_queue(dropped)
+        assert await status_of(ws) == 1  # delete
+        fake.resume()
+        assert await status_of(ws) == 1  # start
+        assert await status_of(ws) == 0  # finish (nothing else: not our prompt)
+        assert fake.history_entry(kept) is not None
+
+
+async def test_ws_execution_messages_reach_only_the_submitter(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    async with (
+        http.ws_connect(f"{fake.url}/ws?clientId=me") as mine,
+        http.ws_connect(f"{fake.url}/ws") as other,
+    ):
+        await mine.receive_json()
+        sid = (await other.receive_json())["data"]["sid"]
+        assert sid and sid != "me"
+        _, answer = await post_json(
+            http, f"{fake.url}/prompt", {"prompt": default_graph(), "client_id": "me"}
+        )
+        prompt_id = answer["prompt_id"]
+        seen = []
+        while True:
+            message = await mine.receive_json()
+            seen.append(message["type"])
+            if message["type"] == "executing" and message["data"]["node"] is None:
+                assert message["data"]["prompt_id"] == prompt_id
+                break
+        assert seen == [
+            "status",
+            "status",
+            "execution_start",
+            "execution_cached",
+            "executing",
+            "executing",
+            "executed",
+            "execution_success",
+            "status",
+            "executing",
+        ]
+        assert [await status_of(other) for _ in range(3)] == [1, 1, 0]
+        assert fake.history_entry(prompt_id) is not None
+
+
+# ---------------------------------------------------------------------- faults
+
+
+async def test_every_fault_is_known() -> None:
+    assert set(FAULTS) == {
+        "http_500",
+        "html",
+        "wrong_shape",
+        "truncated_json",
+        "auth_401",
+        "auth_403",
+        "redirect_loop",
+        "slow_drip",
+        "hang",
+        "reset",
+        "oversize",
+    }
+    fake = FakeComfyUI()
+    with pytest.raises(ValueError, match="unknown fault"):
+        fake.inject("teapot")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown route"):
+        fake.inject("hang", route="GET /queues")
+    with pytest.raises(ValueError, match="times"):
+        fake.inject("hang", times=0)
+    fake.inject("hang", route="get /api/queue")  # the /api form and case are accepted
+
+
+async def test_fault_http_500_for_a_number_of_times(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    fake.inject("http_500", route="GET /queue", times=2)
+    statuses = []
+    for _ in range(3):
+        async with http.get(f"{fake.url}/queue") as response:
+            statuses.append((response.status, response.content_type))
+    assert statuses == [(500, "text/plain"), (500, "text/plain"), (200, "application/json")]
+    async with http.get(f"{fake.url}/prompt") as response:
+        assert response.status == 200  # another route is untouched
+
+
+@pytest.mark.parametrize("status", [200, 502])
+async def test_fault_html(fake: FakeComfyUI, http: aiohttp.ClientSession, status: int) -> None:
+    fake.html_status = status
+    fake.inject("html")  # every route
+    async with http.get(f"{fake.url}/history/x") as response:
+        assert (response.status, response.content_type) == (status, "text/html")
+        assert "<html" in await response.text()
+        with pytest.raises(aiohttp.ContentTypeError):
+            await response.json()
+
+
+async def test_fault_wrong_shape(fake: FakeComfyUI, http: aiohttp.ClientSession) -> None:
+    fake.inject("wrong_shape", route="GET /queue")
+    body = await get_json(http, f"{fake.url}/queue")
+    assert isinstance(body, list)
+
+
+async def test_fault_truncated_json(fake: FakeComfyUI, http: aiohttp.ClientSession) -> None:
+    fake.inject("truncated_json", route="GET /queue")
+    async with http.get(f"{fake.url}/queue") as response:
+        raw = await response.read()
+        assert response.status == 200
+        assert int(response.headers["Content-Length"]) == len(raw)
+    assert raw == b'{"queue_running": [], '[: len(raw)]
+    with pytest.raises(ValueError):
+        json.loads(raw)
+
+
+@pytest.mark.parametrize(("fault", "status"), [("auth_401", 401), ("auth_403", 403)])
+async def test_fault_auth(
+    fake: FakeComfyUI, http: aiohttp.ClientSession, fault: Any, status: int
+) -> None:
+    fake.inject(fault, route="GET /history/{id}")
+    async with http.get(f"{fake.url}/api/history/abc") as response:
+        assert response.status == status
+
+
+async def test_fault_redirect_loop(fake: FakeComfyUI, http: aiohttp.ClientSession) -> None:
+    fake.inject("redirect_loop", route="GET /queue")
+    with pytest.raises(aiohttp.TooManyRedirects):
+        await http.get(f"{fake.url}/queue?x=1", max_redirects=3)
+    assert fake.requests["GET /queue"] == 4
+
+
+async def test_fault_slow_drip_times_out_a_reader(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    fake.drip_interval_s = 60
+    fake.inject("slow_drip", route="GET /queue")
+    async with http.get(f"{fake.url}/queue") as response:
+        assert response.status == 200
+        assert await response.content.readexactly(1) == b"{"
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await response.read()
+
+
+async def test_fault_slow_drip_delivers_the_rest_once_cleared(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    fake.drip_interval_s = 60
+    fake.inject("slow_drip", route="GET /queue")
+    async with http.get(f"{fake.url}/queue") as response:
+        first = await response.content.readexactly(1)
+        fake.clear_faults()
+        rest = await response.read()
+    assert json.loads(first + rest) == {"queue_running": [], "queue_pending": []}
+
+
+async def test_fault_hang_answers_once_cleared(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    fake.inject("hang", route="GET /prompt")
+    request = asyncio.create_task(get_json(http, f"{fake.url}/prompt"))
+    await fake.wait_requests("GET /prompt")
+    assert not request.done()
+    fake.clear_faults()
+    assert await request == {"exec_info": {"queue_remaining": 0}}
+
+
+async def test_fault_hang_times_out_a_client(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    fake.inject("hang", route="GET /queue", times=1)
+    with pytest.raises(TimeoutError):
+        await http.get(f"{fake.url}/queue", timeout=aiohttp.ClientTimeout(total=0.2))
+    await get_json(http, f"{fake.url}/queue")  # times=1: the next one answers
+
+
+async def test_fault_reset_cuts_the_body(fake: FakeComfyUI, http: aiohttp.ClientSession) -> None:
+    fake.inject("reset", route="GET /queue")
+    async with http.get(f"{fake.url}/queue") as response:
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+
+
+async def test_fault_reset_after_post_prompt_still_queues(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    """The real handler runs: the client cannot tell whether its prompt went in."""
+    fake.pause()
+    fake.inject("reset", route="POST /prompt", times=1)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await post_json(http, f"{fake.url}/prompt", {"prompt": default_graph()})
+    assert len(fake.queue_snapshot()["queue_pending"]) == 1
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_fault_oversize(
+    fake: FakeComfyUI, http: aiohttp.ClientSession, chunked: bool
+) -> None:
+    fake.oversize_bytes = 3 * 1024 * 1024
+    fake.oversize_chunked = chunked
+    fake.inject("oversize", route="GET /history/{id}")
+    async with http.get(f"{fake.url}/history/x") as response:
+        assert response.headers["Content-Type"] == JSON_CT
+        if chunked:
+            assert "Content-Length" not in response.headers
+        else:
+            assert response.headers["Content-Length"] == str(3 * 1024 * 1024)
+        body = await response.read()
+    assert len(body) == 3 * 1024 * 1024
+    assert isinstance(json.loads(body), dict)
+
+
+async def test_fault_oversize_default_and_a_client_that_gives_up(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    assert fake.oversize_bytes == 80 * 1024 * 1024
+    fake.inject("oversize", route="GET /queue", times=1)
+    async with http.get(f"{fake.url}/queue") as response:
+        assert response.headers["Content-Length"] == str(80 * 1024 * 1024)
+        assert (await response.content.read(1024)).startswith(b'{"')
+        response.close()  # a size-limited client stops reading
+    await get_json(http, f"{fake.url}/queue")
+
+
+async def test_stop_drops_stuck_requests_and_leaks_no_task(http: aiohttp.ClientSession) -> None:
+    before = asyncio.all_tasks()
+    fake = FakeComfyUI()
+    await fake.start()
+    fake.drip_interval_s = 60
+    fake.inject("hang", route="GET /queue")
+    fake.inject("slow_drip", route="GET /prompt")
+    fake.inject("oversize", route="GET /history")
+
+    async def read(path: str) -> bytes:
+        async with http.get(f"{fake.url}{path}") as response:
+            return await response.read()
+
+    hanging = asyncio.create_task(read("/queue"))
+    dripping = asyncio.create_task(read("/prompt"))
+    unread = await http.get(f"{fake.url}/history")  # never read: the server blocks writing
+    await fake.wait_requests("GET /queue")
+    await fake.wait_requests("GET /prompt")
+    async with http.ws_connect(f"{fake.url}/ws") as ws:
+        await ws.receive_json()
+        await fake.stop()
+        assert (await ws.receive()).type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSE)
+
+    results = await asyncio.gather(hanging, dripping, return_exceptions=True)
+    assert all(isinstance(result, aiohttp.ClientError) for result in results), results
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await unread.read()
+    unread.release()
+    assert asyncio.all_tasks() == before
+
+
+# ---------------------------------------------------------------------- serve()
+
+
+async def test_serve_prints_its_url_and_stops(capsys: pytest.CaptureFixture[str]) -> None:
+    stop = asyncio.Event()
+    stop.set()
+    await serve("127.0.0.1", 0, 0.5, stop)
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"fake ComfyUI 0\.3\.64 listening on http://127\.0\.0\.1:\d+ .*\n", err)

@@ -1,0 +1,54 @@
+"""Migrations at head build exactly the schema the models describe."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, inspect
+
+from comfywatch.models import Base
+from comfywatch.store import Store
+
+
+def _diff(conn: Connection) -> list[Any]:
+    context = MigrationContext.configure(conn, opts={"compare_type": True})
+    return list(compare_metadata(context, Base.metadata))
+
+
+async def test_upgrade_on_empty_database_matches_models(tmp_path: Path) -> None:
+    store = Store.open(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        await store.migrate()
+        async with store.engine.connect() as conn:
+            assert await conn.run_sync(_diff) == []
+            tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+        assert {"jobs", "job_outputs", "hook_deliveries"} <= tables
+        current, head = await store.schema_revision()
+        assert current == head
+        await store.migrate()  # idempotent
+    finally:
+        await store.close()
+
+
+async def test_database_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "db.sqlite"
+    old = os.umask(0)
+    try:
+        store = Store.open(f"sqlite:///{path}")
+    finally:
+        os.umask(old)
+    try:
+        await store.migrate()
+        async with store.engine.connect() as conn:
+            mode = (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar()
+        assert mode == "wal"
+    finally:
+        await store.close()
+    perms = stat.S_IMODE(path.stat().st_mode)
+    assert perms & 0o007 == 0, oct(perms)  # nothing for other users
+    assert perms & 0o020 == 0, oct(perms)  # group may read, not write
