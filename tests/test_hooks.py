@@ -218,7 +218,7 @@ def script(tmp_path: Path, name: str, source: str) -> list[str]:
 
 async def finished_job(
     store: Store,
-    clock: FakeClock,
+    clock: Callable[[], float],
     *,
     prompt_id: str = "prompt-1",
     labels: Mapping[str, str] | None = None,
@@ -254,7 +254,12 @@ async def wait_process_gone(pid: int) -> None:
         return
     loop = asyncio.get_running_loop()
     gone: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+
+    def readable() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(fd, readable)
     try:
         async with asyncio.timeout(WAIT_S):
             await gone
@@ -286,9 +291,7 @@ def test_decide(result: AttemptResult, attempt: int, state: str, next_at: float 
 
 def test_decide_applies_jitter() -> None:
     """The jitter factor scales the scheduled delay."""
-    verdict = decide(
-        AttemptResult(ok=False), attempt=1, schedule_s=(100.0,), now_s=0.0, jitter=1.1
-    )
+    verdict = decide(AttemptResult(ok=False), attempt=1, schedule_s=(100.0,), now_s=0.0, jitter=1.1)
     assert verdict.next_attempt_s == pytest.approx(110.0)
 
 
@@ -406,9 +409,7 @@ async def test_receiver_down_goes_dead_then_revived(
 ) -> None:
     """Connection refused is retried on schedule, then dead; revived, it is delivered."""
     await finished_job(store, clock)
-    dispatcher = dispatchers(
-        webhook(f"http://127.0.0.1:{free_port()}/hook", schedule=(1.0, 2.0))
-    )
+    dispatcher = dispatchers(webhook(f"http://127.0.0.1:{free_port()}/hook", schedule=(1.0, 2.0)))
     with structlog.testing.capture_logs() as logs:
         assert await dispatcher.run_once() == 1
         clock.advance(1.2)
@@ -462,9 +463,7 @@ async def test_gone_is_dead_at_once_and_body_is_capped(
     assert delivery.last_response == "g" * RESPONSE_EXCERPT_BYTES
 
 
-async def test_unconfigured_hook_is_dead(
-    store: Store, clock: FakeClock, dispatchers: Any
-) -> None:
+async def test_unconfigured_hook_is_dead(store: Store, clock: FakeClock, dispatchers: Any) -> None:
     """A delivery whose hook left the config is marked dead, not left pending forever."""
     await finished_job(store, clock)
     assert await dispatchers({}).run_once() == 1
@@ -492,17 +491,13 @@ async def test_concurrency_is_bounded(
 # -- the loop ----------------------------------------------------------------------------
 
 
-async def test_run_wakes_retries_and_stops(
-    store: Store, receivers: Any, dispatchers: Any
-) -> None:
+async def test_run_wakes_retries_and_stops(store: Store, receivers: Any, dispatchers: Any) -> None:
     """run() sleeps until woken, retries when due (real clock, tiny schedule), then stops."""
     receiver = await receivers([500, 200])
-    real = FakeClock()  # only for the store's timestamps below
-    real_clock = time.time
-    dispatcher = dispatchers(webhook(receiver.url, schedule=(0.05,)), clock_fn=real_clock)
+    dispatcher = dispatchers(webhook(receiver.url, schedule=(0.05,)), clock_fn=time.time)
     stop = asyncio.Event()
     runner = asyncio.create_task(dispatcher.run(stop))
-    await finished_job(store, real)  # created while run() idles
+    await finished_job(store, time.time)  # created while run() idles
     dispatcher.wake()
     await receiver.wait_until(lambda: len(receiver.requests) == 2)
     stop.set()
@@ -517,7 +512,7 @@ async def test_stop_lets_the_attempt_in_flight_finish(
 ) -> None:
     """On stop, run() waits for the running attempt (bounded by its timeout): no orphans."""
     receiver = await receivers(hang=True)
-    await finished_job(store, FakeClock())
+    await finished_job(store, time.time)
     dispatcher = dispatchers(webhook(receiver.url, timeout_s=0.2), clock_fn=time.time)
     stop = asyncio.Event()
     runner = asyncio.create_task(dispatcher.run(stop))

@@ -146,7 +146,7 @@ _SYSTEM_STATS: Final[Mapping[str, JSON]] = {
         "python_version": "3.11.7 (main, May  9 2026, 07:35:25) [GCC 12.2.0]",
         "pytorch_version": "2.13.0+cpu",
         "embedded_python": False,
-        "argv": ["main.py", "--cpu", "--listen", "127.0.0.1", "--port", "8188"],
+        "argv": [],  # filled in per instance
     },
     "devices": [
         {
@@ -1074,6 +1074,7 @@ class FakeComfyUI:
             self._host,
             "--port",
             str(self.port),
+            "--disable-auto-launch",
         ]
         return web.json_response(stats)
 
