@@ -217,3 +217,13 @@ def test_queue_lists_running_and_pending_with_numbers() -> None:
 def test_malformed_queue_is_a_parse_error(body: Any) -> None:
     with pytest.raises(ParseError):
         parse_queue(body)
+
+
+def test_output_keys_that_collide_after_capping_are_kept_once() -> None:
+    """A (node, kind, position) key is unique in the table: capped names must not repeat."""
+    pid, entry = _success()
+    long = "n" * 5000
+    entry["outputs"] = {long + "a": {"text": ["one"]}, long + "b": {"text": ["two"]}}
+    record = parse_history_entry(pid, entry)
+    keys = [(o.node_id, o.kind, o.position) for o in record.outputs]
+    assert len(keys) == len(set(keys)) == 1

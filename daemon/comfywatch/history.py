@@ -247,15 +247,21 @@ def _outputs(outputs: JSON) -> tuple[OutputRecord, ...]:
     if not isinstance(outputs, dict):
         return ()
     records: list[OutputRecord] = []
+    seen: set[tuple[str, str, int]] = set()  # capped names may collide: keep the first
     for node_id, node_outputs in outputs.items():
         node = _cap(str(node_id), MAX_NAME_CHARS)
         if not isinstance(node_outputs, dict):
-            records.append(OutputRecord(node_id=node, kind="", position=0, value=node_outputs))
+            if (node, "", 0) not in seen:
+                seen.add((node, "", 0))
+                records.append(OutputRecord(node_id=node, kind="", position=0, value=node_outputs))
             continue
         for kind, values in node_outputs.items():
             kind_name = _cap(str(kind), MAX_NAME_CHARS)
             items = values if isinstance(values, list) else [values]
             for position, item in enumerate(items):
+                if (node, kind_name, position) in seen:
+                    continue
+                seen.add((node, kind_name, position))
                 records.append(_output_record(node, kind_name, position, item))
                 if len(records) >= MAX_OUTPUT_RECORDS:
                     return tuple(records)

@@ -23,7 +23,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, and_, delete, event, func, select, update
+from sqlalchemy import Connection, and_, delete, event, func, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from comfywatch.errors import StoreError
-from comfywatch.history import HistoryRecord
+from comfywatch.history import HistoryRecord, OutputRecord
 from comfywatch.models import HookDelivery, Job, JobOutput
 from comfywatch.states import ACTIVE_STATES, JobState, Reason
 
@@ -296,35 +296,50 @@ class Store:
         if not changes:
             return []
         now = utc(now_s)
-        applied: list[int] = []
+        by_id = {change.job_id: change for change in changes}
         async with self._session() as session:
-            for change in changes:
-                values = _job_values(change, now)
-                result = await session.execute(
-                    update(Job)
-                    .where(Job.id == change.job_id, Job.state.in_(_ACTIVE))
-                    .values(**values)
-                    .execution_options(synchronize_session=False)
-                )
-                if result.rowcount != 1:  # type: ignore[attr-defined]
-                    continue
-                applied.append(change.job_id)
-                if change.history is not None:
-                    session.add_all(_output_rows(change.job_id, change.history))
-                for hook in change.deliveries:
-                    session.add(
-                        HookDelivery(
-                            job_id=change.job_id,
-                            hook=hook,
-                            event_id=f"msg_{uuid.uuid4().hex}",
-                            event_type=f"job.{change.state.value}",
-                            state=DeliveryState.PENDING,
-                            attempts=0,
-                            next_attempt_at=now,
-                            created_at=now,
-                            updated_at=now,
-                        )
+            # The write lock is already held (BEGIN IMMEDIATE; FOR UPDATE elsewhere), so the
+            # rows found active here stay active until this transaction commits.
+            live: set[int] = set()
+            for chunk in _chunks(list(by_id), 500):
+                live.update(
+                    await session.scalars(
+                        select(Job.id)
+                        .where(Job.id.in_(chunk), Job.state.in_(_ACTIVE))
+                        .with_for_update()
                     )
+                )
+            applied = [job_id for job_id in by_id if job_id in live]
+            if not applied:
+                return []
+            await session.execute(
+                update(Job), [{"id": i, **_job_values(by_id[i], now)} for i in applied]
+            )
+            outputs = [
+                _output_row(i, out)
+                for i in applied
+                if (record := by_id[i].history) is not None
+                for out in record.outputs
+            ]
+            if outputs:
+                await session.execute(insert(JobOutput), outputs)
+            deliveries = [
+                {
+                    "job_id": i,
+                    "hook": hook,
+                    "event_id": f"msg_{uuid.uuid4().hex}",
+                    "event_type": f"job.{by_id[i].state.value}",
+                    "state": DeliveryState.PENDING,
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for i in applied
+                for hook in by_id[i].deliveries
+            ]
+            if deliveries:
+                await session.execute(insert(HookDelivery), deliveries)
         return applied
 
     # -- queries --------------------------------------------------------------------------
@@ -563,21 +578,18 @@ def _job_values(change: Change, now: datetime) -> dict[str, Any]:
     return values
 
 
-def _output_rows(job_id: int, record: HistoryRecord) -> list[JobOutput]:
-    return [
-        JobOutput(
-            job_id=job_id,
-            node_id=out.node_id,
-            kind=out.kind,
-            position=out.position,
-            filename=out.filename,
-            subfolder=out.subfolder,
-            type=out.type,
-            value=None if out.is_file else out.value,
-            extra=out.extra,
-        )
-        for out in record.outputs
-    ]
+def _output_row(job_id: int, out: OutputRecord) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "node_id": out.node_id,
+        "kind": out.kind,
+        "position": out.position,
+        "filename": out.filename,
+        "subfolder": out.subfolder,
+        "type": out.type,
+        "value": None if out.is_file else out.value,
+        "extra": out.extra,
+    }
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
