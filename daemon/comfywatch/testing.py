@@ -21,6 +21,9 @@ Python (:meth:`FakeComfyUI.submit`, :meth:`~FakeComfyUI.pause`,
 ``outcome`` is ``success`` (the default), ``error`` or ``interrupted``; the key stays in
 the stored ``extra_data``, as any other key would.
 
+``GET /queue`` lists ``queue_pending`` in heap order, as ComfyUI does (its queue is a
+``heapq``): sort by ``number`` (item ``[0]``) for submission order.
+
 What a fake cannot be: nodes are not validated beyond "has a ``class_type``" and "the
 graph has an output node" (a ``class_type`` starting or ending with ``Save`` or
 ``Preview``, or a node with ``"_output": true``); there are no ``progress`` /
@@ -299,6 +302,13 @@ class FakeComfyUI:
         self._failure: BaseException | None = None
 
     # ------------------------------------------------------------------ life cycle
+
+    async def __aenter__(self) -> FakeComfyUI:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
 
     @property
     def port(self) -> int:
