@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LAG_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
@@ -55,9 +57,16 @@ class Metrics:
             ["hook", "result"],
             registry=r,
         )
-        self.deliveries_pending = Gauge(
-            "comfywatch_hook_deliveries_pending",
-            "Deliveries waiting to be sent or retried.",
+        self.deliveries_by_state = Gauge(
+            "comfywatch_hook_deliveries",
+            "Hook deliveries in the database by hook and state (pending, delivered, dead).",
+            ["hook", "state"],
+            registry=r,
+        )
+        self.oldest_active = Gauge(
+            "comfywatch_oldest_active_job_age_seconds",
+            "Age (since registration) of the oldest job still registered, queued or running.",
+            ["server", "state"],
             registry=r,
         )
         self.ticks = Counter("comfywatch_ticks_total", "Completed polling passes.", registry=r)
@@ -84,7 +93,17 @@ class Metrics:
     def delivery(self, hook: str, result: str) -> None:
         self.deliveries.labels(hook, result).inc()
 
-    def set_job_counts(self, counts: dict[tuple[str, str], int]) -> None:
+    def set_job_counts(self, counts: Mapping[tuple[str, str], int]) -> None:
         self.jobs.clear()
         for (server, state), count in counts.items():
             self.jobs.labels(server, state).set(count)
+
+    def set_delivery_counts(self, counts: Mapping[tuple[str, str], int]) -> None:
+        self.deliveries_by_state.clear()
+        for (hook, state), count in counts.items():
+            self.deliveries_by_state.labels(hook, state).set(count)
+
+    def set_oldest_active(self, ages_s: Mapping[tuple[str, str], float]) -> None:
+        self.oldest_active.clear()
+        for (server, state), age in ages_s.items():
+            self.oldest_active.labels(server, state).set(age)

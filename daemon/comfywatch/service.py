@@ -28,6 +28,8 @@ log = structlog.get_logger("comfywatch.service")
 STOP_GRACE_S = 5.0
 #: Delay before retrying a tick whose database transaction failed.
 STORE_RETRY_S = 1.0
+#: How often the database-wide counts behind the gauges are refreshed.
+STATS_EVERY_S = 10.0
 #: How often retention pruning runs when ``retention_days`` is set.
 PRUNE_EVERY_S = 3600.0
 
@@ -81,6 +83,7 @@ class Daemon:
         # Taken before the files were read, so an edit made during a load is not missed.
         self._fingerprint = settings.fingerprint
         self._last_prune_s = 0.0
+        self._last_stats_s = 0.0
         d = settings.daemon
         self.poller = Poller(
             store=store,
@@ -226,8 +229,14 @@ class Daemon:
     async def _housekeeping(self, now: float) -> None:
         try:
             self.status.pending_deliveries = await self.store.pending_delivery_count()
-            self.metrics.deliveries_pending.set(self.status.pending_deliveries)
-            self.metrics.set_job_counts(await self.store.count_by_state())
+            if now - self._last_stats_s >= STATS_EVERY_S:
+                self._last_stats_s = now
+                stats = await self.store.stats()
+                self.metrics.set_job_counts(stats.jobs)
+                self.metrics.set_delivery_counts(stats.deliveries)
+                self.metrics.set_oldest_active(
+                    {k: now - v.timestamp() for k, v in stats.oldest_active.items()}
+                )
             days = self.settings.daemon.retention_days
             if days is not None and now - self._last_prune_s >= PRUNE_EVERY_S:
                 self._last_prune_s = now

@@ -105,6 +105,13 @@ class Change:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreStats:
+    jobs: Mapping[tuple[str, str], int]
+    deliveries: Mapping[tuple[str, str], int]
+    oldest_active: Mapping[tuple[str, str], datetime]
+
+
+@dataclass(frozen=True, slots=True)
 class JobFilter:
     states: Sequence[str] = ()
     server: str | None = None
@@ -389,12 +396,28 @@ class Store:
             )
             return JobRecord(job, tuple(outputs))
 
-    async def count_by_state(self) -> dict[tuple[str, str], int]:
+    async def stats(self) -> StoreStats:
+        """Counts for metrics: jobs by (server, state), deliveries by (hook, state), and
+        the registration time of the oldest active job per (server, state)."""
         async with self._session() as session:
-            rows = await session.execute(
+            jobs = await session.execute(
                 select(Job.server, Job.state, func.count()).group_by(Job.server, Job.state)
             )
-            return {(r[0], r[1]): int(r[2]) for r in rows}
+            deliveries = await session.execute(
+                select(HookDelivery.hook, HookDelivery.state, func.count()).group_by(
+                    HookDelivery.hook, HookDelivery.state
+                )
+            )
+            oldest = await session.execute(
+                select(Job.server, Job.state, func.min(Job.registered_at))
+                .where(Job.state.in_(_ACTIVE))
+                .group_by(Job.server, Job.state)
+            )
+            return StoreStats(
+                jobs={(r[0], r[1]): int(r[2]) for r in jobs},
+                deliveries={(r[0], r[1]): int(r[2]) for r in deliveries},
+                oldest_active={(r[0], r[1]): r[2] for r in oldest if r[2] is not None},
+            )
 
     # -- hook outbox ----------------------------------------------------------------------
 
