@@ -52,7 +52,7 @@ class Metrics:
             registry=r,
         )
         self.deliveries = Counter(
-            "comfywatch_hook_deliveries_total",
+            "comfywatch_hook_attempts_total",
             "Hook delivery attempts by hook and result (delivered, retry, dead).",
             ["hook", "result"],
             registry=r,
