@@ -213,7 +213,7 @@ def command(
 def script(tmp_path: Path, name: str, source: str) -> list[str]:
     path = tmp_path / name
     path.write_text(textwrap.dedent(source))
-    return [sys.executable, "-I", str(path)]
+    return [sys.executable, "-I", "-S", str(path)]
 
 
 async def finished_job(
@@ -237,6 +237,18 @@ async def only_delivery(store: Store) -> HookDelivery:
     rows = await store.deliveries()
     assert len(rows) == 1
     return rows[0][0]
+
+
+def attempts_counted(metrics: Metrics, result: str) -> float:
+    """What ``Metrics.delivery("notify", result)`` has counted."""
+    for family in metrics.deliveries.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels == {
+                "hook": "notify",
+                "result": result,
+            }:
+                return sample.value
+    return 0.0
 
 
 def free_port() -> int:
@@ -347,10 +359,7 @@ async def test_webhook_is_signed_per_standard_webhooks(
     logged = json.dumps(logs, default=str)
     for secret in ("header-secret", "url-secret", WHSEC, base64.b64encode(SECRET_KEY).decode()):
         assert secret not in logged
-    sample = metrics.registry.get_sample_value(
-        "comfywatch_hook_deliveries_total", {"hook": "notify", "result": "delivered"}
-    )
-    assert sample == 1
+    assert attempts_counted(metrics, "delivered") == 1
 
 
 async def test_unsigned_webhook_has_no_signature(
@@ -397,11 +406,8 @@ async def test_retries_on_schedule_with_one_webhook_id(
     assert len(receiver.requests) == 3
     assert {h["webhook-id"] for h, _ in receiver.requests} == {done.event_id}
     assert len({b for _, b in receiver.requests}) == 1
-    for result, count in (("retry", 2), ("delivered", 1)):
-        labels = {"hook": "notify", "result": result}
-        assert metrics.registry.get_sample_value("comfywatch_hook_deliveries_total", labels) == (
-            count
-        )
+    assert attempts_counted(metrics, "retry") == 2
+    assert attempts_counted(metrics, "delivered") == 1
 
 
 async def test_receiver_down_goes_dead_then_revived(
@@ -471,19 +477,83 @@ async def test_unconfigured_hook_is_dead(store: Store, clock: FakeClock, dispatc
     assert (delivery.state, delivery.last_error) == ("dead", NOT_CONFIGURED)
 
 
+class Gate:
+    """A TCP server that holds each connection until the test lets one through."""
+
+    def __init__(self) -> None:
+        self.permits = asyncio.Semaphore(0)
+        self.active = 0
+        self.max_active = 0
+        self.finished = 0
+        self.port = 0
+        self._changed = asyncio.Condition()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        for _ in range(100):
+            self.permits.release()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async with self._changed:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self._changed.notify_all()
+        await self.permits.acquire()
+        writer.write(b"x")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        async with self._changed:
+            self.active -= 1
+            self.finished += 1
+            self._changed.notify_all()
+
+    async def wait_active(self, count: int) -> None:
+        async with asyncio.timeout(WAIT_S), self._changed:
+            await self._changed.wait_for(lambda: self.active >= count)
+
+    async def wait_finished(self, count: int) -> None:
+        async with asyncio.timeout(WAIT_S), self._changed:
+            await self._changed.wait_for(lambda: self.finished >= count)
+
+
 async def test_concurrency_is_bounded(
-    store: Store, clock: FakeClock, receivers: Any, dispatchers: Any
+    store: Store, clock: FakeClock, dispatchers: Any, tmp_path: Path
 ) -> None:
     """Never more than ``concurrency`` attempts at once; all are made."""
-    receiver = await receivers(hang=True)
-    for n in range(5):
-        await finished_job(store, clock, prompt_id=f"p{n}")
-    dispatcher = dispatchers(webhook(receiver.url), concurrency=2)
-    task = asyncio.create_task(dispatcher.run_once())
-    await receiver.wait_until(lambda: receiver.active == 2)
-    receiver.release.set()
-    assert await task == 5
-    assert receiver.max_active == 2
+    gate = Gate()
+    await gate.start()
+    try:
+        for n in range(5):
+            await finished_job(store, clock, prompt_id=f"p{n}")
+        argv = script(
+            tmp_path,
+            "gate.py",
+            """
+            import socket, sys
+            with socket.create_connection(("127.0.0.1", int(sys.argv[1]))) as conn:
+                conn.recv(1)
+            """,
+        )
+        dispatcher = dispatchers(command([*argv, str(gate.port)]), concurrency=2)
+        task = asyncio.create_task(dispatcher.run_once())
+        for step in range(5):  # hold the running ones, let one through at a time
+            await gate.wait_active(min(2, 5 - step))
+            running = [t for t in asyncio.all_tasks() if t.get_name().startswith("hook-delivery")]
+            assert len(running) <= 2
+            gate.permits.release()
+            await gate.wait_finished(step + 1)
+        assert await task == 5
+    finally:
+        await gate.stop()
+    assert gate.max_active == 2
     rows = await store.deliveries()
     assert {d.state for d, _ in rows} == {"delivered"}
 

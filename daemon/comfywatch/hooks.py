@@ -11,15 +11,20 @@ can de-duplicate).
   answer is a success; 410 Gone gives up at once; any other answer (redirects included: they
   are not followed), a timeout or a connection error is retried.
 - ``command``: ``argv`` run without a shell in a session of its own, the same JSON on stdin,
-  ``COMFYWATCH_*`` variables in its environment, stdout and stderr captured together (capped).
-  Exit status 0 is a success; anything else is retried. On timeout the whole process group
-  is killed.
+  the daemon's environment plus ``COMFYWATCH_SERVER``, ``COMFYWATCH_PROMPT_ID``,
+  ``COMFYWATCH_STATE`` and ``COMFYWATCH_EVENT_ID`` (minus the variables that hold webhook
+  secrets), stdout and stderr captured together (capped). Exit status 0 is a success;
+  anything else is retried. On timeout the whole process group is killed.
 
 Failed attempt number *n* is retried after ``retry_schedule_s[n-1]`` (±10% jitter); when the
-schedule is used up the delivery is ``dead`` (``comfywatch`` can revive it). A delivery whose
-hook is no longer configured is marked dead at once with the error "hook not configured"
-(leaving it pending would keep ``--until-done`` waiting forever); revive it after adding the
-hook back.
+schedule is used up the delivery is ``dead`` (``comfywatch hooks retry`` revives it). A
+delivery whose hook is no longer configured is marked dead at once with the error "hook not
+configured" (leaving it pending would keep ``--until-done`` waiting forever); revive it after
+adding the hook back.
+
+The event's ``timestamp`` is when the job's end was recorded (the same on every retry); the
+``webhook-timestamp`` is the real time of the attempt, whatever clock drives the schedule,
+since receivers check it against their own clocks.
 
 Secrets, header values and webhook URLs (which often embed tokens) are never logged or
 stored. aiohttp and OS errors are turned into short error texts here and go no further.
@@ -43,7 +48,6 @@ from typing import Any
 
 import aiohttp
 import structlog
-from multidict import CIMultiDict
 
 from comfywatch.config import CommandHookSettings, HookSettings, WebhookHookSettings
 from comfywatch.errors import StoreError
@@ -183,8 +187,7 @@ class _Capture:
         while chunk := await stream.read(_CHUNK):
             self.total += len(chunk)
             room = self.cap - len(self.kept)
-            if room > 0 or True:
-                break
+            if room > 0:
                 self.kept += chunk[:room]
 
     def text(self) -> str | None:
@@ -373,6 +376,7 @@ class HookDispatcher:
             log.error(
                 "hook_job_unreadable", hook=delivery.hook, delivery_id=delivery.id, error=str(exc)
             )
+            await asyncio.sleep(STORE_RETRY_S)  # the row is still due: do not spin on it
             return _Done(attempted=False, due_again_s=float("-inf"))
         if hook is None:
             result = AttemptResult(ok=False, error=NOT_CONFIGURED, final=True)
@@ -414,8 +418,10 @@ class HookDispatcher:
                 response=result.response,
             )
         except StoreError as exc:
-            # The attempt was made but not recorded: it will be made again (at least once).
+            # The attempt was made but not recorded: it will be made again (at least once),
+            # after a pause so that a database refusing writes does not make us hammer hooks.
             log.error("hook_result_not_recorded", **fields, outcome=verdict.result, detail=str(exc))
+            await asyncio.sleep(STORE_RETRY_S)
             return _Done(attempted=True, due_again_s=float("-inf"))
         if self._metrics is not None:
             self._metrics.delivery(delivery.hook, verdict.result)
@@ -446,17 +452,13 @@ class HookDispatcher:
         # The signing time is the real wall clock whatever the injected clock says: receivers
         # compare it with their own clocks (Standard Webhooks allows 5 minutes of skew).
         timestamp_s = int(time.time())
-        headers: CIMultiDict[str] = CIMultiDict()
-        headers["Content-Type"] = "application/json"
-        headers["User-Agent"] = USER_AGENT
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
         for name, value in hook.headers.items():
-            headers[name] = value
-        headers["webhook-id"] = delivery.event_id
-        headers["webhook-timestamp"] = str(timestamp_s)
-        if hook.secret is not None:
-            headers["webhook-signature"] = sign(hook.secret, delivery.event_id, timestamp_s, body)
-        else:
-            headers.popall("webhook-signature", None)
+            _set_header(headers, name, value)
+        _set_header(headers, "webhook-id", delivery.event_id)
+        _set_header(headers, "webhook-timestamp", str(timestamp_s))
+        signature = sign(hook.secret, delivery.event_id, timestamp_s, body) if hook.secret else None
+        _set_header(headers, "webhook-signature", signature)
         session = self._ensure_session()
         try:
             async with session.post(
@@ -519,6 +521,14 @@ class HookDispatcher:
         return await _supervise(proc, hook, body + b"\n")
 
 
+def _set_header(headers: dict[str, str], name: str, value: str | None) -> None:
+    """Set (or, with ``None``, remove) a header, whatever the case of its name."""
+    for existing in [n for n in headers if n.lower() == name.lower()]:
+        del headers[existing]
+    if value is not None:
+        headers[name] = value
+
+
 async def _read_excerpt(response: aiohttp.ClientResponse) -> str | None:
     """The first bytes of a response body; a body that breaks off keeps what arrived."""
     kept = bytearray()
@@ -558,16 +568,20 @@ async def _supervise(
         asyncio.create_task(capture.drain(proc.stdout)),
         asyncio.create_task(_feed(proc.stdin, stdin_data)),
     ]
+    finished = False
     try:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(hook.timeout_s):
                 # wait() returns once the process has exited and its pipes are closed.
                 await proc.wait()
                 await asyncio.gather(*helpers)
+                finished = True
         returncode = proc.returncode  # None: still running at the deadline
     finally:
-        if proc.returncode is None or not all(h.done() for h in helpers):
-            await _kill(proc)
+        if not finished:
+            if proc.returncode is None or not all(h.done() for h in helpers):
+                _kill_group(proc)
+            await _reap(proc)
         for helper in helpers:
             helper.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
@@ -582,18 +596,22 @@ async def _supervise(
     return AttemptResult(ok=error is None, error=error, response=output)
 
 
-async def _kill(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL a command's process group and reap it.
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL a command's process group.
 
     pgid == pid (start_new_session), and that id cannot have been reused: either the leader
-    is not reaped yet, or its group still has a member holding our pipe.
+    is not reaped yet, or its group still has a member holding our pipe open.
     """
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Wait for a killed command to exit and its pipes to close; a pipe still held open
+    after ``KILL_GRACE_S`` (by a process that left the group) is closed on our side."""
     try:
         await asyncio.wait_for(proc.wait(), KILL_GRACE_S)
     except TimeoutError:
-        # A process that left the group (setsid) still holds the pipe: stop listening.
-        transport = getattr(proc, "_transport", None)
+        transport = getattr(proc, "_transport", None)  # Process has no public close()
         if transport is not None:
             transport.close()

@@ -145,6 +145,15 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, or None if nothing is there."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _create_private_file(path: Path) -> None:
     """Create the database file readable by owner and group only (its WAL files follow)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,9 +168,13 @@ def _create_private_file(path: Path) -> None:
 class Store:
     """The database behind comfywatch: jobs, their outputs, and the hook outbox."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, path: Path | None = None) -> None:
         self.engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        # SQLite: the file the engine works on. Open connections keep a deleted or replaced
+        # file alive, so only a look at the path tells that it is no longer the database.
+        self._path = path
+        self._file_id = _file_id(path) if path is not None else None
 
     @classmethod
     def open(cls, url: str, *, create: bool = True, readonly: bool = False) -> Store:
@@ -185,7 +198,7 @@ class Store:
             raise StoreError(f"cannot open database: {exc}") from None
         if engine.dialect.name == "sqlite":
             _configure_sqlite(engine, immediate=not readonly)
-        return cls(engine)
+        return cls(engine, path=path)
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -212,6 +225,7 @@ class Store:
     async def schema_revision(self) -> tuple[str | None, str]:
         """The database's migration revision and the newest one this version ships."""
         head = ScriptDirectory.from_config(_alembic_config()).get_current_head() or ""
+        self._check_file()
         try:
             async with self.engine.connect() as conn:
                 current = await conn.run_sync(
@@ -220,6 +234,16 @@ class Store:
         except SQLAlchemyError as exc:
             raise StoreError(f"database error: {_short(exc)}") from None
         return current, head
+
+    def _check_file(self) -> None:
+        """Raise StoreError if the SQLite file at the configured path is gone or replaced."""
+        if self._path is None or self._file_id is None:
+            return
+        current = _file_id(self._path)
+        if current is None:
+            raise StoreError(f"database file {self._path} is gone")
+        if current != self._file_id:
+            raise StoreError(f"database file {self._path} was replaced while open")
 
     # -- registration ---------------------------------------------------------------------
 
