@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from comfywatch import __version__
-from comfywatch.config import Settings, default_config_path, load_settings
+from comfywatch.config import Settings, default_config_path, load_settings, url_origin
 from comfywatch.errors import ConfigError, StoreError
 from comfywatch.logs import configure_logging
 from comfywatch.states import JobState
@@ -247,7 +247,8 @@ def _check_config(settings: Settings) -> int:
         print(f"  {name}: {server.url} (headers: {headers})")
     print(f"hooks ({len(settings.hooks)}):")
     for name, hook in sorted(settings.hooks.items()):
-        target = hook.url if hook.type == "webhook" else hook.argv[0]
+        # The origin only: webhook URLs often carry tokens in their path or query.
+        target = url_origin(hook.url) if hook.type == "webhook" else hook.argv[0]
         on = ",".join(sorted(s.value for s in hook.on))
         print(f"  {name}: {hook.type} {target} on {on}")
     print(f"jobs ({len(settings.jobs)}):")

@@ -159,7 +159,7 @@ class WebhookHookSettings:
     def __repr__(self) -> str:
         return _repr(
             self,
-            url=repr(_url_origin(self.url)),
+            url=repr(url_origin(self.url)),
             secret="'***'" if self.secret is not None else "None",
         )
 
@@ -716,7 +716,7 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
-def _url_origin(url: str) -> str:
+def url_origin(url: str) -> str:
     """``https://host:port`` plus ``/...`` when the URL has more (paths can hold tokens)."""
     parts = urlsplit(url)
     origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"

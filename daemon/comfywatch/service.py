@@ -26,6 +26,8 @@ log = structlog.get_logger("comfywatch.service")
 
 #: How long a stop waits for an in-flight tick before cancelling its network part.
 STOP_GRACE_S = 5.0
+#: How long a stop waits for hook deliveries in flight before cancelling them.
+HOOK_STOP_GRACE_S = 10.0
 #: Delay before retrying a tick whose database transaction failed.
 STORE_RETRY_S = 1.0
 #: How often the database-wide counts behind the gauges are refreshed.
@@ -124,6 +126,11 @@ class Daemon:
         """Migrate the schema and register the configured jobs."""
         await self.store.migrate()
         added = await self.store.register(new_jobs(self.settings), self._clock())
+        # STATUS= goes out with READY=1: counts from the database, not zeros. No server has
+        # failed a poll yet (ticks count a server as up until one does).
+        self.status.active_jobs = len(await self.store.active_jobs())
+        self.status.pending_deliveries = await self.store.pending_delivery_count()
+        self.status.servers_up = len(self.settings.servers)
         log.info(
             "daemon_started",
             config=str(self.settings.path),
@@ -136,6 +143,13 @@ class Daemon:
         """Load the configuration again; on any error keep the running one."""
         self.notifier.notify(reloading=True)
         try:
+            return await self._reload(why)
+        finally:
+            # Only once the new settings are in use (or the old ones kept).
+            self.notifier.notify(ready=True, status=self._status_line())
+
+    async def _reload(self, why: str) -> bool:
+        try:
             settings = load_settings(self.settings.path)
             added = await self.store.register(new_jobs(settings), self._clock())
         except (ConfigError, StoreError) as exc:
@@ -143,8 +157,6 @@ class Daemon:
             # Do not try again until the files change again.
             self._fingerprint = config_fingerprint(self.settings)
             return False
-        finally:
-            self.notifier.notify(ready=True, status=self._status_line())
         self._fingerprint = settings.fingerprint
         for client in self.poller.configure(servers=settings.servers, hooks=settings.hooks):
             await client.close()
@@ -175,6 +187,8 @@ class Daemon:
                 elif self._config_changed():
                     await self.reload(why="files changed")
                 delay = await self._one_tick()
+                if self.stop_event.is_set():
+                    break  # the dispatcher ends on a stop too: that is no failure
                 if dispatcher_task.done():
                     dispatcher_task.result()  # a dead dispatcher stops the daemon loudly
                     raise RuntimeError("hook dispatcher stopped unexpectedly")
@@ -186,12 +200,24 @@ class Daemon:
             self.stop_event.set()
             self.notifier.notify(stopping=True)
             self.dispatcher.wake()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(dispatcher_task, STOP_GRACE_S * 2)
-            await self.poller.close()
-            await self.dispatcher.close()
-            log.info("daemon_stopped")
+            try:
+                await self._stop_dispatcher(dispatcher_task)
+            finally:
+                await self.poller.close()
+                await self.dispatcher.close()
+                log.info("daemon_stopped")
         return 0
+
+    async def _stop_dispatcher(self, task: asyncio.Task[None]) -> None:
+        """Let in-flight deliveries finish within the grace period, then cancel them
+        (they stay pending and are sent again after the restart: at least once)."""
+        done, _ = await asyncio.wait({task}, timeout=HOOK_STOP_GRACE_S)
+        if not done:
+            log.warning("hook_attempts_cancelled_on_stop", grace_s=HOOK_STOP_GRACE_S)
+            task.cancel()
+            await asyncio.wait({task})
+        if not task.cancelled() and task.exception() is not None:
+            log.error("hook_dispatcher_failed", error=repr(task.exception()))
 
     async def _one_tick(self) -> float:
         """Run one tick (bounded by the stop grace period once a stop is requested)."""
