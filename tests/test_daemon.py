@@ -319,3 +319,22 @@ async def eventually(
             if ok(value):
                 return value
             await asyncio.sleep(0.02)
+
+
+async def test_cached_rerun_is_success_with_the_earlier_files(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
+) -> None:
+    """ComfyUI answers an identical graph from its cache: success, the first run's files."""
+    first = fake.submit()
+    again = fake.submit()
+    await fake.wait_finished(again)
+    daemon = await make_daemon(
+        write_config(tmp_path, {"local": fake.url}, [spec(first), spec(again)])
+    )
+    await daemon.poller.tick()
+    one, two = await job(daemon, first), await job(daemon, again)
+    assert (one.job.state, two.job.state) == ("success", "success")
+    assert [o.filename for o in two.outputs] == [o.filename for o in one.outputs]
+    assert two.job.history is not None
+    cached = [m for m in two.job.history["status"]["messages"] if m[0] == "execution_cached"]
+    assert cached and cached[0][1]["nodes"]  # every node came from the cache

@@ -227,7 +227,9 @@ async def test_output_files_count_up_per_prefix_and_can_be_viewed(
     fake: FakeComfyUI, http: aiohttp.ClientSession
 ) -> None:
     first = await fake.wait_finished(fake.submit(default_graph("shots/cat")))
-    second = await fake.wait_finished(fake.submit(default_graph("shots/cat")))
+    other = default_graph("shots/cat")
+    other["1"]["inputs"]["width"] = 32  # type: ignore[index]  # not the same graph: no cache
+    second = await fake.wait_finished(fake.submit(other))
     records = [entry["outputs"]["2"]["images"][0] for entry in (first, second)]
     assert records == [
         {"filename": "cat_00001_.png", "subfolder": "shots", "type": "output"},
@@ -248,6 +250,18 @@ async def test_output_files_count_up_per_prefix_and_can_be_viewed(
 
 
 # ---------------------------------------------------------------------- queue and history
+
+
+async def test_identical_graph_is_answered_from_the_cache(fake: FakeComfyUI) -> None:
+    """Like ComfyUI: a fully cached re-run lists every node as cached and repeats the files."""
+    first = await fake.wait_finished(fake.submit(default_graph("again")))
+    second = await fake.wait_finished(fake.submit(default_graph("again")))
+    assert second["outputs"] == first["outputs"]
+    cached = {m[0]: m[1] for m in second["status"]["messages"]}["execution_cached"]
+    assert cached["nodes"] == list(default_graph("again"))
+    await fake.restart()  # the cache lives in the process
+    third = await fake.wait_finished(fake.submit(default_graph("again")))
+    assert third["outputs"] != first["outputs"]
 
 
 async def test_queue_items_have_the_recorded_shape(

@@ -282,6 +282,9 @@ class FakeComfyUI:
         # Files "on disk" (type, subfolder, filename): output files survive restarts.
         self._files: set[tuple[str, str, str]] = set()
         self._file_counters: dict[tuple[str, str], int] = {}
+        #: Outputs of graphs that ran successfully, as ComfyUI's execution cache keeps them:
+        #: the same graph again is "fully cached" and repeats them (no new files).
+        self._cache: dict[str, dict[str, JSON]] = {}
 
         # Test controls.
         self._paused = False
@@ -417,6 +420,7 @@ class FakeComfyUI:
         self._history.clear()
         self._number = 0
         self._held = False
+        self._cache.clear()
         self._temp_prefix = _random_letters(5)
         self._temp_counter = 0
         self._files = {f for f in self._files if f[0] != "temp"}
@@ -786,11 +790,18 @@ class FakeComfyUI:
             failed = item.outputs_to_execute[-1]
             ran = nodes[: nodes.index(failed)]
         wanted = set(item.outputs_to_execute)
-        outputs: dict[str, JSON] = {
-            node_id: {"images": [self._write_image(graph[node_id])]}
-            for node_id in ran
-            if node_id in wanted
-        }
+        cache_key = json.dumps(graph, sort_keys=True, default=str)
+        cached = outcome == "success" and cache_key in self._cache
+        if cached:
+            outputs = copy.deepcopy(self._cache[cache_key])
+        else:
+            outputs = {
+                node_id: {"images": [self._write_image(graph[node_id])]}
+                for node_id in ran
+                if node_id in wanted
+            }
+            if outcome == "success":
+                self._cache[cache_key] = copy.deepcopy(outputs)
 
         sid = item.client_id
         for node_id in ran:
@@ -849,6 +860,8 @@ class FakeComfyUI:
                 new = dict(data, timestamp=started_ms)
                 if "prompt_id" in new:
                     new["prompt_id"] = item.prompt_id
+                if name == "execution_cached":
+                    new["nodes"] = list(nodes) if cached else []
             messages.append([name, new])
         status["messages"] = messages
         terminal = copy.deepcopy(messages[-1][1])
