@@ -338,3 +338,36 @@ async def test_cached_rerun_is_success_with_the_earlier_files(
     assert two.job.history is not None
     cached = [m for m in two.job.history["status"]["messages"] if m[0] == "execution_cached"]
     assert cached and cached[0][1]["nodes"]  # every node came from the cache
+
+
+async def test_websocket_hint_polls_before_the_next_full_tick(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
+) -> None:
+    """With an hour between full ticks, a finished prompt is still noticed: ComfyUI's
+    status broadcast (queue shrank) makes the daemon poll that server at once."""
+    fake.hold_running()
+    pid = fake.submit()
+    await fake.wait_running(pid)
+    config = write_config(
+        tmp_path, {"local": fake.url}, [spec(pid)], daemon={"poll_interval_s": 3600}
+    )
+    daemon = await make_daemon(config)
+    runner = asyncio.create_task(daemon.run())
+    try:
+        await eventually(lambda: states(daemon), lambda s: s[pid] == "running")
+        await fake.wait_requests("GET /ws")
+        fake.release()
+        await eventually(lambda: states(daemon), lambda s: s[pid] == "success")
+    finally:
+        daemon.request_stop()
+        assert await runner == 0
+
+
+async def test_websocket_can_be_turned_off(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
+) -> None:
+    pid = fake.submit()
+    server = {"url": fake.url, "websocket": False}
+    daemon = await make_daemon(write_config(tmp_path, {"local": server}, [spec(pid)]))
+    assert await asyncio.wait_for(daemon.run(until_done=True), 30) == 0
+    assert fake.requests["GET /ws"] == 0

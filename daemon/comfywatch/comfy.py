@@ -7,11 +7,16 @@ has explicit connect and read timeouts, and header values (credentials) are neve
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
+import uuid
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import structlog
 
 from comfywatch.config import ServerSettings
 from comfywatch.errors import BadResponse, ParseError, ServerAuthError, ServerUnavailable
@@ -19,6 +24,11 @@ from comfywatch.history import HistoryRecord, QueueSnapshot, parse_history_respo
 
 _MAX_REDIRECTS = 3
 _CHUNK = 65_536
+_WS_HEARTBEAT_S = 30.0
+_WS_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+_WS_MAX_BACKOFF_S = 60.0
+
+log = structlog.get_logger("comfywatch.comfy")
 
 
 class ComfyClient:
@@ -53,6 +63,50 @@ class ComfyClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    async def watch_queue(self, on_drain: Callable[[], None]) -> None:
+        """Call ``on_drain`` whenever ComfyUI's ``status`` broadcast shows the queue shrink.
+
+        A prompt that finished (or was deleted) shrinks the queue, and ComfyUI broadcasts
+        the new size to every WebSocket client after writing the history entry. This is
+        only a hint to poll now: frames can stop arriving while HTTP works, so polling
+        stays the source of truth. Runs until cancelled, reconnecting with backoff, with a
+        fresh client id per connection (reusing one silently breaks delivery).
+        """
+        failures = 0
+        while True:
+            try:
+                await self._watch_once(on_drain)
+                failures = 0
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                failures += 1
+                if failures == 1:
+                    log.info("websocket_unavailable", server=self.name, error=type(exc).__name__)
+            delay = min(_WS_MAX_BACKOFF_S, 2 ** min(failures, 10))
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
+
+    async def _watch_once(self, on_drain: Callable[[], None]) -> None:
+        session = self._ensure_session()
+        scheme = "wss" if self.settings.url.startswith("https:") else "ws"
+        url = f"{scheme}:{self.settings.url.partition(':')[2]}/ws?clientId={uuid.uuid4().hex}"
+        last: int | None = None
+        async with session.ws_connect(
+            url,
+            heartbeat=_WS_HEARTBEAT_S,
+            max_msg_size=_WS_MAX_MESSAGE_BYTES,
+            timeout=aiohttp.ClientWSTimeout(ws_close=5),
+            autoping=True,
+        ) as ws:
+            log.debug("websocket_connected", server=self.name)
+            async for message in ws:
+                if message.type is not aiohttp.WSMsgType.TEXT:
+                    continue  # binary frames are previews
+                remaining = _queue_remaining(message.data)
+                if remaining is None:
+                    continue
+                if last is not None and remaining < last:
+                    on_drain()
+                last = remaining
 
     async def get_queue(self) -> QueueSnapshot:
         body = await self._get_json("/queue")
@@ -114,6 +168,21 @@ class ComfyClient:
                 raise BadResponse(self.name, f"{route}: body exceeds {cap} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _queue_remaining(text: str) -> int | None:
+    """``queue_remaining`` from a ``status`` message, or ``None`` for anything else."""
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(message, dict) or message.get("type") != "status":
+        return None
+    try:
+        value = message["data"]["status"]["exec_info"]["queue_remaining"]
+    except (KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _describe(exc: BaseException) -> str:

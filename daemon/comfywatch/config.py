@@ -32,7 +32,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from comfywatch.errors import ConfigError
 from comfywatch.states import TERMINAL_STATES, JobState
@@ -139,6 +139,9 @@ class ServerSettings:
     request_timeout_s: float
     max_response_bytes: int
     max_history_fetches: int
+    #: Listen on ComfyUI's WebSocket for queue changes and poll at once (polling stays
+    #: the source of truth; this only shortens the time to notice a finished prompt).
+    websocket: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +336,7 @@ class _ServerTable(BaseModel):
     request_timeout_s: _PositiveS = 10.0
     max_response_bytes: Annotated[int, Field(ge=1)] = DEFAULT_MAX_RESPONSE_BYTES
     max_history_fetches: _HistoryFetches | None = None
+    websocket: StrictBool = True
 
 
 class _WebhookTable(BaseModel):
@@ -993,6 +997,7 @@ class _Loader:
                     if raw.max_history_fetches is not None
                     else raw_daemon.max_history_fetches
                 ),
+                websocket=raw.websocket,
             )
         return servers
 

@@ -12,7 +12,7 @@ import asyncio
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -115,6 +115,9 @@ class Poller:
         self.hooks = dict(hooks)
         return stale
 
+    def clients(self) -> Mapping[str, ComfyClient]:
+        return dict(self._clients)
+
     async def close(self) -> None:
         for client in self._clients.values():
             await client.close()
@@ -122,8 +125,9 @@ class Poller:
     def health(self) -> Mapping[str, ServerHealth]:
         return {name: self._health[name] for name in self._servers}
 
-    async def tick(self) -> TickReport:
-        """One round over every server that is due; all writes in one transaction."""
+    async def tick(self, only: Collection[str] | None = None) -> TickReport:
+        """One round over every server that is due (or only those named); all writes in
+        one transaction."""
         now = self._clock()
         jobs = await self._store.active_jobs()
         by_server: dict[str, list[ActiveJob]] = defaultdict(list)
@@ -138,7 +142,9 @@ class Poller:
                         self._warned_unknown.add(server)
                         log.warning("server_not_configured", server=server, jobs=len(server_jobs))
                     continue
-                if self._health[server].next_poll_at_s > now:
+                if self._health[server].next_poll_at_s > now or (
+                    only is not None and server not in only
+                ):
                     continue
                 polls[server] = group.create_task(self._poll_server(server, server_jobs, now))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import time
 from collections.abc import Callable
@@ -26,6 +27,9 @@ log = structlog.get_logger("comfywatch.service")
 
 #: How long a stop waits for an in-flight tick before cancelling its network part.
 STOP_GRACE_S = 5.0
+#: The shortest gap between polls of one server that WebSocket hints may cause (so a
+#: busy server is polled at most twice a second, however many prompts finish).
+HINT_GAP_S = 0.5
 #: How long a stop waits for hook deliveries in flight before cancelling them.
 HOOK_STOP_GRACE_S = 10.0
 #: Delay before retrying a tick whose database transaction failed.
@@ -47,6 +51,11 @@ def new_jobs(settings: Settings) -> list[NewJob]:
         )
         for job in settings.jobs
     ]
+
+
+def configured(settings: Settings) -> set[tuple[str, str]]:
+    """The (server, prompt_id) pairs the configuration names: never pruned (see Store.prune)."""
+    return {(job.server, job.prompt_id) for job in settings.jobs}
 
 
 @dataclass
@@ -82,10 +91,14 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self._reload_event = asyncio.Event()
         self._wake = asyncio.Event()
+        self._hinted: set[str] = set()
+        self._watchers: dict[str, asyncio.Task[None]] = {}
         # Taken before the files were read, so an edit made during a load is not missed.
         self._fingerprint = settings.fingerprint
         self._last_prune_s = 0.0
         self._last_stats_s = 0.0
+        # Whether the last tick was recorded (so the counts in self.status are current).
+        self._tick_recorded = False
         d = settings.daemon
         self.poller = Poller(
             store=store,
@@ -158,12 +171,15 @@ class Daemon:
             self._fingerprint = config_fingerprint(self.settings)
             return False
         self._fingerprint = settings.fingerprint
+        await self._stop_watchers()
         for client in self.poller.configure(servers=settings.servers, hooks=settings.hooks):
             await client.close()
         self.dispatcher.configure(hooks=settings.hooks)
         self.poller.not_found_after_s = settings.daemon.not_found_after_s
         self.poller.poll_interval_s = settings.daemon.poll_interval_s
         self.settings = settings
+        if self.status.ready:
+            self._start_watchers()
         self.status.servers_total = len(settings.servers)
         log.info("config_reloaded", why=why, jobs_configured=len(settings.jobs), jobs_added=added)
         return True
@@ -180,25 +196,34 @@ class Daemon:
         try:
             self.status.ready = True
             self.notifier.notify(ready=True, status=self._status_line())
+            self._start_watchers()
+            next_full_s = time.monotonic()
             while not self.stop_event.is_set():
                 if self._reload_event.is_set():
                     self._reload_event.clear()
                     await self.reload(why="SIGHUP")
                 elif self._config_changed():
                     await self.reload(why="files changed")
-                delay = await self._one_tick()
+                only: set[str] | None = None
+                if time.monotonic() < next_full_s:
+                    only = set(self._hinted)  # woken early: poll just the hinted servers
+                else:
+                    next_full_s = time.monotonic() + self.settings.daemon.poll_interval_s
+                self._hinted.clear()  # hints from before the tick are served by it
+                retry_s = await self._one_tick(only)
+                if retry_s is not None:
+                    next_full_s = time.monotonic() + retry_s
                 if self.stop_event.is_set():
                     break  # the dispatcher ends on a stop too: that is no failure
-                if dispatcher_task.done():
-                    dispatcher_task.result()  # a dead dispatcher stops the daemon loudly
-                    raise RuntimeError("hook dispatcher stopped unexpectedly")
+                self._check_background(dispatcher_task)
                 if until_done and await self._all_done():
                     log.info("all_done")
                     break
-                await self._sleep(delay)
+                await self._sleep_until(next_full_s)
         finally:
             self.stop_event.set()
             self.notifier.notify(stopping=True)
+            await self._stop_watchers()
             self.dispatcher.wake()
             try:
                 await self._stop_dispatcher(dispatcher_task)
@@ -219,9 +244,10 @@ class Daemon:
         if not task.cancelled() and task.exception() is not None:
             log.error("hook_dispatcher_failed", error=repr(task.exception()))
 
-    async def _one_tick(self) -> float:
-        """Run one tick (bounded by the stop grace period once a stop is requested)."""
-        tick = asyncio.create_task(self.poller.tick())
+    async def _one_tick(self, only: set[str] | None = None) -> float | None:
+        """Run one tick (bounded by the stop grace period once a stop is requested);
+        returns a delay before the next full tick when this one must be retried soon."""
+        tick = asyncio.create_task(self.poller.tick(only))
         stop = asyncio.create_task(self.stop_event.wait())
         try:
             await asyncio.wait({tick, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -232,13 +258,15 @@ class Daemon:
                     tick.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await tick
-                    return 0.0
+                    return None
             report = tick.result()
         except StoreError as exc:
+            self._tick_recorded = False
             log.error("tick_not_recorded", error=str(exc), retry_in_s=STORE_RETRY_S)
             return STORE_RETRY_S
         finally:
             stop.cancel()
+        self._tick_recorded = True
         if report.changed:
             self.dispatcher.wake()
         now = self._clock()
@@ -250,7 +278,7 @@ class Daemon:
         self.metrics.last_tick.set(now)
         await self._housekeeping(now)
         self.notifier.notify(watchdog=True, status=self._status_line())
-        return self.settings.daemon.poll_interval_s
+        return None
 
     async def _housekeeping(self, now: float) -> None:
         try:
@@ -266,19 +294,76 @@ class Daemon:
             days = self.settings.daemon.retention_days
             if days is not None and now - self._last_prune_s >= PRUNE_EVERY_S:
                 self._last_prune_s = now
-                pruned = await self.store.prune(retention_cutoff(now, days), dry_run=False)
+                pruned = await self.store.prune(
+                    retention_cutoff(now, days), dry_run=False, keep=configured(self.settings)
+                )
                 if pruned:
                     log.info("pruned", jobs=pruned, retention_days=days)
         except StoreError as exc:
             log.warning("housekeeping_failed", error=str(exc))
 
     async def _all_done(self) -> bool:
-        return self.status.active_jobs == 0 and await self.store.pending_delivery_count() == 0
+        """Whether ``--until-done`` may stop; never on counts older than a failed tick, and a
+        busy database means "not yet", not a crash."""
+        if not self._tick_recorded or self.status.active_jobs != 0:
+            return False
+        try:
+            return await self.store.pending_delivery_count() == 0
+        except StoreError as exc:
+            log.warning("housekeeping_failed", error=str(exc))
+            return False
 
-    async def _sleep(self, delay_s: float) -> None:
-        self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), delay_s)
+    async def _sleep_until(self, deadline_s: float) -> None:
+        """Sleep until the next full tick (monotonic ``deadline_s``); a stop or reload
+        ends it at once, a WebSocket hint once the minimum gap between polls has passed."""
+        gap_end_s = time.monotonic() + self._hint_gap_s()
+        while True:
+            self._wake.clear()
+            if self.stop_event.is_set() or self._reload_event.is_set():
+                return
+            now_s = time.monotonic()
+            if now_s >= deadline_s or (self._hinted and now_s >= gap_end_s):
+                return
+            until_s = min(deadline_s, gap_end_s) if self._hinted else deadline_s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), until_s - now_s)
+
+    def _hint_gap_s(self) -> float:
+        """The shortest time between two polls of a server, however often it hints."""
+        return min(HINT_GAP_S, self.settings.daemon.poll_interval_s)
+
+    # -- push hints ---------------------------------------------------------------------
+
+    def hint(self, server: str) -> None:
+        """``server``'s queue shrank: poll it soon rather than at the next full tick."""
+        self._hinted.add(server)
+        self._wake.set()
+
+    def _start_watchers(self) -> None:
+        for name, client in self.poller.clients().items():
+            if client.settings.websocket:
+                self._watchers[name] = asyncio.create_task(
+                    client.watch_queue(functools.partial(self.hint, name)),
+                    name=f"watch-{name}",
+                )
+
+    async def _stop_watchers(self) -> None:
+        watchers = list(self._watchers.values())
+        self._watchers.clear()
+        for task in watchers:
+            task.cancel()
+        if watchers:
+            await asyncio.wait(watchers)
+
+    def _check_background(self, dispatcher: asyncio.Task[None]) -> None:
+        """A background task that died stops the daemon loudly, never half-running."""
+        if dispatcher.done():
+            dispatcher.result()
+            raise RuntimeError("hook dispatcher stopped unexpectedly")
+        for name, task in self._watchers.items():
+            if task.done():
+                task.result()
+                raise RuntimeError(f"websocket watcher for {name} stopped unexpectedly")
 
     def _status_line(self) -> str:
         s = self.status
