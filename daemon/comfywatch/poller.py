@@ -94,6 +94,7 @@ class Poller:
         self._health: dict[str, ServerHealth] = defaultdict(ServerHealth)
         self._memory: dict[int, JobMemory] = {}
         self._warned_unknown: set[str] = set()
+        self._recording: asyncio.Future[list[int]] | None = None
         self.hooks: Mapping[str, HookSettings] = {}
         self.not_found_after_s = not_found_after_s
         self.poll_interval_s = poll_interval_s
@@ -119,6 +120,9 @@ class Poller:
         return dict(self._clients)
 
     async def close(self) -> None:
+        if self._recording is not None and not self._recording.done():
+            log.info("waiting_for_commit")
+            await asyncio.wait({self._recording})
         for client in self._clients.values():
             await client.close()
 
@@ -158,7 +162,10 @@ class Poller:
             decisions.extend(result.decisions)
 
         changes = [self._change(job, d, now) for job, d in decisions if d.state is not job.state]
-        applied = set(await asyncio.shield(self._store.record(changes, now)))
+        # Shielded: a stop that cancels the tick never cuts a commit in half; close()
+        # waits for it.
+        self._recording = asyncio.ensure_future(self._store.record(changes, now))
+        applied = set(await asyncio.shield(self._recording))
 
         finished = 0
         for job, decision in decisions:
@@ -254,6 +261,11 @@ class Poller:
             histories = await asyncio.gather(*(fetch(job) for job in waiting))
         except ServerError as exc:
             self._server_failed(server, health, exc, now)
+            return None
+        except Exception as exc:
+            # A bug met on this server's data must not stop tracking everywhere else.
+            log.exception("poll_failed_unexpectedly", server=server)
+            self._server_failed(server, health, ServerError(server, repr(exc)[:300]), now)
             return None
         finally:
             if self._metrics is not None:
