@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -40,6 +40,7 @@ from comfywatch.states import ACTIVE_STATES, JobState, Reason
 
 BUSY_TIMEOUT_MS = 5_000
 DB_FILE_MODE = 0o640
+DB_DIR_MODE = 0o750
 _ACTIVE = [state.value for state in ACTIVE_STATES]
 
 
@@ -156,7 +157,10 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 
 def _create_private_file(path: Path) -> None:
     """Create the database file readable by owner and group only (its WAL files follow)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    for folder in reversed(missing):  # created private too, whatever the umask
+        folder.mkdir(mode=DB_DIR_MODE, exist_ok=True)
+        folder.chmod(DB_DIR_MODE)
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, DB_FILE_MODE)
     except FileExistsError:
@@ -543,9 +547,21 @@ class Store:
 
     # -- retention ------------------------------------------------------------------------
 
-    async def prune(self, older_than_s: float, *, dry_run: bool, batch: int = 500) -> int:
+    async def prune(
+        self,
+        older_than_s: float,
+        *,
+        dry_run: bool,
+        keep: Collection[tuple[str, str]] = frozenset(),
+        batch: int = 500,
+    ) -> int:
         """Delete terminal jobs finished before ``older_than_s`` (with outputs and
-        deliveries), in small transactions; jobs with pending deliveries are kept."""
+        deliveries), in small transactions; returns how many (would) go.
+
+        Kept: jobs with pending deliveries, and the (server, prompt_id) pairs in ``keep``:
+        jobs still in the configuration, which the next load would register again as new
+        (to end as not_found and fire their hooks a second time).
+        """
         cutoff = utc(older_than_s)
         pending = select(HookDelivery.job_id).where(HookDelivery.state == DeliveryState.PENDING)
         cond = and_(
@@ -553,19 +569,28 @@ class Store:
             func.coalesce(Job.detected_at, Job.updated_at) < cutoff,
             Job.id.not_in(pending),
         )
-        if dry_run:
-            async with self._session() as session:
-                return int(await session.scalar(select(func.count()).where(cond)) or 0)
+        keep = set(keep)
         total = 0
+        after_id = 0
         while True:
             async with self._session() as session:
-                ids = list(await session.scalars(select(Job.id).where(cond).limit(batch)))
-                if not ids:
+                rows = (
+                    await session.execute(
+                        select(Job.id, Job.server, Job.prompt_id)
+                        .where(cond, Job.id > after_id)
+                        .order_by(Job.id)
+                        .limit(batch)
+                    )
+                ).all()
+                if not rows:
                     return total
-                await session.execute(delete(JobOutput).where(JobOutput.job_id.in_(ids)))
-                await session.execute(delete(HookDelivery).where(HookDelivery.job_id.in_(ids)))
-                await session.execute(delete(Job).where(Job.id.in_(ids)))
+                after_id = rows[-1].id
+                ids = [r.id for r in rows if (r.server, r.prompt_id) not in keep]
                 total += len(ids)
+                if ids and not dry_run:
+                    await session.execute(delete(JobOutput).where(JobOutput.job_id.in_(ids)))
+                    await session.execute(delete(HookDelivery).where(HookDelivery.job_id.in_(ids)))
+                    await session.execute(delete(Job).where(Job.id.in_(ids)))
             await asyncio.sleep(0)  # let tracking run between batches
 
     async def next_delivery_at_excluding(self, ids: Sequence[int]) -> datetime | None:
