@@ -112,3 +112,17 @@ async def test_migrate_then_query_empty_database(tmp_path: Path) -> None:
     assert code == 0, err
     code, out, _ = await comfywatch("jobs", "--config", str(config), "--json")
     assert code == 0 and json.loads(out) == []
+
+
+async def test_metrics_port_in_use_is_a_config_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(
+            tmp_path, {"local": "http://127.0.0.1:1"}, daemon={"http": f"127.0.0.1:{port}"}
+        )
+        code, _, err = await comfywatch("run", "--config", str(config))
+    assert code == 78 and "daemon.http" in err and "Traceback" not in err

@@ -165,7 +165,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "jobs": _jobs,
         "show": _show,
         "hooks": _hooks,
-        "prune": _prune,
+        "prune": lambda store, args: _prune(store, args, settings),
     }
     readonly = args.command in ("jobs", "show") or (
         args.command == "hooks" and args.hooks_command is None
@@ -380,9 +380,12 @@ async def _hooks(store: Store, args: argparse.Namespace) -> int:
     return EX_OK
 
 
-async def _prune(store: Store, args: argparse.Namespace) -> int:
+async def _prune(store: Store, args: argparse.Namespace, settings: Settings) -> int:
+    from comfywatch.service import configured
+
     cutoff = time.time() - args.older_than
-    count = await store.prune(cutoff, dry_run=args.dry_run)
+    # Jobs still in the config stay: the daemon would register them again as new ones.
+    count = await store.prune(cutoff, dry_run=args.dry_run, keep=configured(settings))
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{verb} {count} job{'s' if count != 1 else ''} finished before {iso_s(cutoff)}")
     return EX_OK

@@ -383,7 +383,15 @@ async def run_daemon(settings: Settings, *, until_done: bool = False) -> int:
         if settings.daemon.http_host is not None and settings.daemon.http_port is not None:
             from comfywatch.web import start_http
 
-            server = await start_http(daemon, settings.daemon.http_host, settings.daemon.http_port)
+            host, port = settings.daemon.http_host, settings.daemon.http_port
+            try:
+                server = await start_http(daemon, host, port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                    file=str(settings.path),
+                    key="daemon.http",
+                ) from None
         try:
             return await daemon.run(until_done=until_done)
         finally:
