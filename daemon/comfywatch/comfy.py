@@ -147,7 +147,7 @@ class ComfyClient:
         except TimeoutError:
             raise ServerUnavailable(self.name, f"{route}: timed out") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise ServerUnavailable(self.name, f"{route}: {_describe(exc)}") from None
+            raise ServerUnavailable(self.name, f"{route}: {describe_error(exc)}") from None
         try:
             return json.loads(raw)
         except (ValueError, RecursionError):
@@ -185,12 +185,17 @@ def _queue_remaining(text: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _describe(exc: BaseException) -> str:
-    """A short description of a transport error, without URLs' credentials or headers."""
+def describe_error(exc: BaseException) -> str:
+    """A short description of a transport or OS error, without URLs or header values
+    (shared by the ComfyUI client and the webhook sender)."""
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect ({exc.os_error.strerror or type(exc.os_error).__name__})"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "server disconnected"
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "connection broken while reading the body"
+    if isinstance(exc, aiohttp.InvalidURL):
+        return "invalid URL"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[:300]
     return type(exc).__name__

@@ -49,6 +49,7 @@ from typing import Any
 import aiohttp
 import structlog
 
+from comfywatch.comfy import describe_error
 from comfywatch.config import CommandHookSettings, HookSettings, WebhookHookSettings
 from comfywatch.errors import StoreError
 from comfywatch.metrics import Metrics
@@ -148,19 +149,6 @@ def encode_payload(payload: Mapping[str, Any]) -> bytes:
 def _short(text: str) -> str:
     line = text.strip().splitlines()[0] if text.strip() else text
     return line[:_ERROR_MAX_CHARS]
-
-
-def _describe(exc: BaseException) -> str:
-    """A short description of a transport error, without URLs or header values."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect ({exc.os_error.strerror or type(exc.os_error).__name__})"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "server disconnected"
-    if isinstance(exc, aiohttp.InvalidURL):
-        return "invalid URL"
-    if isinstance(exc, OSError) and exc.strerror:
-        return _short(exc.strerror)
-    return type(exc).__name__
 
 
 def _exit_error(returncode: int) -> str | None:
@@ -473,7 +461,7 @@ class HookDispatcher:
         except TimeoutError:
             return AttemptResult(ok=False, error=f"timed out after {hook.timeout_s:g}s")
         except (aiohttp.ClientError, OSError, ValueError) as exc:
-            return AttemptResult(ok=False, error=_describe(exc))
+            return AttemptResult(ok=False, error=describe_error(exc))
         if 200 <= status < 300:
             return AttemptResult(ok=True, status_code=status, response=excerpt)
         return AttemptResult(
@@ -515,7 +503,7 @@ class HookDispatcher:
                 start_new_session=True,
             )
         except OSError as exc:
-            return AttemptResult(ok=False, error=f"cannot start: {_describe(exc)}")
+            return AttemptResult(ok=False, error=f"cannot start: {describe_error(exc)}")
         except ValueError:  # e.g. a NUL byte in an argument or a variable
             return AttemptResult(ok=False, error="cannot start: invalid argument or environment")
         return await _supervise(proc, hook, body + b"\n")
