@@ -98,7 +98,6 @@ class Change:
     state: JobState
     reason: Reason | None = None
     history: HistoryRecord | None = None
-    number: int | None = None
     queued_at_s: float | None = None
     started_at_s: float | None = None
     #: Hooks owed for this change (only for terminal states), created in the same transaction.
@@ -612,8 +611,6 @@ def _job_values(change: Change, now: datetime) -> dict[str, Any]:
         values["queued_at"] = utc(change.queued_at_s)
     if change.started_at_s is not None:
         values["started_at"] = utc(change.started_at_s)
-    if change.number is not None:
-        values["number"] = change.number
     if change.state.terminal:
         values["reason"] = change.reason.value if change.reason else None
         values["detected_at"] = now
