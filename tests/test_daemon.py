@@ -371,3 +371,22 @@ async def test_websocket_can_be_turned_off(
     daemon = await make_daemon(write_config(tmp_path, {"local": server}, [spec(pid)]))
     assert await asyncio.wait_for(daemon.run(until_done=True), 30) == 0
     assert fake.requests["GET /ws"] == 0
+
+
+async def test_deleting_the_newest_pending_prompt_is_no_restart(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
+) -> None:
+    """The queue's highest number drops when its newest prompt is deleted: that is a
+    cancellation, not evidence of a restart."""
+    fake.pause()
+    older, newest = fake.submit(), fake.submit()
+    daemon = await make_daemon(
+        write_config(tmp_path, {"local": fake.url}, [spec(older), spec(newest)])
+    )
+    await daemon.poller.tick()
+    fake.delete_from_queue([newest])
+    await daemon.poller.tick()
+    await daemon.poller.tick()
+    j = (await job(daemon, newest)).job
+    assert (j.state, j.reason) == ("cancelled", "deleted_from_queue")
+    assert (await job(daemon, older)).job.state == "queued"

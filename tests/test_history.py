@@ -227,3 +227,23 @@ def test_output_keys_that_collide_after_capping_are_kept_once() -> None:
     record = parse_history_entry(pid, entry)
     keys = [(o.node_id, o.kind, o.position) for o in record.outputs]
     assert len(keys) == len(set(keys)) == 1
+
+
+def test_text_no_database_accepts_is_cleaned() -> None:
+    """Undecodable file names reach JSON as lone surrogates; NUL and NaN appear too. What
+    is stored must be valid for SQLite and PostgreSQL alike."""
+    import json
+
+    pid, entry = _success()
+    entry["outputs"]["2"]["images"][0]["filename"] = "bad\udcffname\x00.png"
+    entry["outputs"]["3"] = {"scores": [float("nan"), 2**80], "text": ["a\x00b"]}
+    entry["status"]["messages"][0][1]["timestamp"] = 2**80
+    record = parse_history_entry(pid, entry)
+    names = [o.filename for o in record.outputs if o.filename]
+    assert names == ["bad\ufffdname\ufffd.png"]
+    values = {(o.kind, o.position): o.value for o in record.outputs if o.node_id == "3"}
+    assert values == {("scores", 0): None, ("scores", 1): str(2**80), ("text", 0): "a\ufffdb"}
+    assert record.started_at_ms is None
+    text = json.dumps(record.entry, allow_nan=False)  # no NaN left
+    text.encode("utf-8")  # no lone surrogate left
+    assert "\\u0000" not in text

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from comfywatch.history import parse_history_entry
+from comfywatch.history import QueueSnapshot, parse_history_entry
+from comfywatch.poller import numbering_restarted
 from comfywatch.states import JobState, Reason
 from comfywatch.tracking import Decision, JobView, Policy, Seen, decide
 
@@ -205,6 +206,46 @@ CASES: list[tuple[str, JobView, Seen, float, S, Reason | None]] = [
         None,
     ),
     (
+        "running, history unreadable: unchanged",
+        JobView(S.RUNNING, 0, 1, 2, 4, absent_count=1),
+        Seen(unreadable=True),
+        50,
+        S.RUNNING,
+        None,
+    ),
+    (
+        "running, history unreadable past run deadline",
+        JobView(S.RUNNING, 0, 1, 2, 4),
+        Seen(unreadable=True),
+        102,
+        S.TIMEOUT,
+        Reason.RUN_TIMEOUT,
+    ),
+    (
+        "queued, history unreadable past queue deadline",
+        JobView(S.QUEUED, 0, 1, None, 4),
+        Seen(unreadable=True),
+        1000,
+        S.TIMEOUT,
+        Reason.QUEUE_TIMEOUT,
+    ),
+    (
+        "registered, history unreadable: not counted absent",
+        JobView(S.REGISTERED, 0, absent_count=5),
+        Seen(unreadable=True),
+        600,
+        S.REGISTERED,
+        None,
+    ),
+    (
+        "queued, seen in the same poll that suspected a restart",
+        JobView(S.QUEUED, 0, 1, None, 5, absent_count=1),
+        Seen(restart_suspected_at_s=5),
+        6,
+        S.CANCELLED,
+        Reason.DELETED_FROM_QUEUE,
+    ),
+    (
         "stuck worker: same prompt running forever",
         JobView(S.RUNNING, 0, 1, 2, 50),
         Seen(running=True),
@@ -249,3 +290,23 @@ def test_no_deadlines_means_waiting_forever() -> None:
 def test_terminal_states_never_change(state: JobState) -> None:
     with pytest.raises(ValueError, match="terminal"):
         decide(JobView(state, 0), Seen(history=SUCCESS), 1, POLICY)
+
+
+def _snapshot(numbers: dict[str, int]) -> QueueSnapshot:
+    return QueueSnapshot(running=frozenset(), pending=frozenset(numbers), numbers=numbers)
+
+
+@pytest.mark.parametrize(
+    ("numbers", "known", "high", "restarted"),
+    [
+        ({"new": 0}, {"a", "b"}, 7, True),  # a fresh process counts from 0 again
+        ({"a": 5}, {"a", "b"}, 7, False),  # the highest one was deleted: no new prompt
+        ({"a": 5, "new": 8}, {"a"}, 7, False),  # new prompts count up
+        ({"front": -3}, {"a"}, 7, False),  # "queue front" prompts get negative numbers
+        ({"new": 0}, set(), None, False),  # nothing seen before: no evidence
+    ],
+)
+def test_queue_numbering_restart_evidence(
+    numbers: dict[str, int], known: set[str], high: int | None, restarted: bool
+) -> None:
+    assert numbering_restarted(_snapshot(numbers), frozenset(known), high) is restarted

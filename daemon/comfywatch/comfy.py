@@ -22,7 +22,6 @@ from comfywatch.config import ServerSettings
 from comfywatch.errors import BadResponse, ParseError, ServerAuthError, ServerUnavailable
 from comfywatch.history import HistoryRecord, QueueSnapshot, parse_history_response, parse_queue
 
-_MAX_REDIRECTS = 3
 _CHUNK = 65_536
 _WS_HEARTBEAT_S = 30.0
 _WS_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -38,12 +37,15 @@ class ComfyClient:
         self.settings = settings
         self._user_agent = user_agent
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     @property
     def name(self) -> str:
         return self.settings.name
 
     def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise ServerUnavailable(self.name, "client closed")
         if self._session is None or self._session.closed:
             timeout_s = self.settings.request_timeout_s
             self._session = aiohttp.ClientSession(
@@ -60,6 +62,7 @@ class ComfyClient:
         return self._session
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -128,28 +131,31 @@ class ComfyClient:
         url = self.settings.url + path
         route = "GET " + (path if not path.startswith("/history/") else "/history/{id}")
         try:
-            async with session.get(
-                url, allow_redirects=True, max_redirects=_MAX_REDIRECTS
-            ) as response:
+            # Redirects are not followed: ComfyUI never sends them, and following one
+            # could carry the configured credential headers to another host.
+            async with session.get(url, allow_redirects=False) as response:
                 if response.status in (401, 403):
                     raise ServerAuthError(
                         self.name,
                         f"{route}: HTTP {response.status}: authentication refused "
                         "(check the server's headers in the config)",
                     )
+                if 300 <= response.status < 400:
+                    raise BadResponse(
+                        self.name, f"{route}: HTTP {response.status} redirect (not followed)"
+                    )
                 if response.status != 200:
                     raise BadResponse(self.name, f"{route}: HTTP {response.status}")
                 raw = await self._read_capped(response, route)
         except (ServerAuthError, BadResponse):
             raise
-        except aiohttp.TooManyRedirects:
-            raise BadResponse(self.name, f"{route}: too many redirects") from None
         except TimeoutError:
             raise ServerUnavailable(self.name, f"{route}: timed out") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ServerUnavailable(self.name, f"{route}: {describe_error(exc)}") from None
         try:
-            return json.loads(raw)
+            # NaN and infinities (Python's json.dumps writes them) become null.
+            return json.loads(raw, parse_constant=lambda _name: None)
         except (ValueError, RecursionError):
             kind = "HTML" if raw.lstrip()[:1] == b"<" else "non-JSON"
             raise BadResponse(self.name, f"{route}: {kind} body ({len(raw)} bytes)") from None

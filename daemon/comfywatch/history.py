@@ -8,6 +8,7 @@ that are stored are capped; secrets in ``extra_data`` are stripped before anythi
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -100,7 +101,42 @@ class QueueSnapshot:
         return max(self.numbers.values(), default=None)
 
 
+#: Nesting deeper than this in stored JSON is replaced by a marker.
+MAX_JSON_DEPTH = 64
+_INT64 = 2**63 - 1
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """Text any database accepts: lone surrogates (from undecodable file names) and NUL
+    characters become U+FFFD."""
+    if text.isascii() and "\x00" not in text:
+        return text
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
+def clean_json(value: JSON, depth: int = 0) -> JSON:
+    """A JSON value any database stores: text cleaned, NaN/infinities as null, 64-bit
+    integers, nesting capped at MAX_JSON_DEPTH."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value if -_INT64 - 1 <= value <= _INT64 else str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth >= MAX_JSON_DEPTH:
+        return "[nested too deep]"
+    if isinstance(value, dict):
+        return {clean_text(str(k)): clean_json(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean_json(v, depth + 1) for v in value]
+    return clean_text(str(value))
+
+
 def _cap(text: str, limit: int) -> str:
+    text = clean_text(text)
     if len(text) <= limit:
         return text
     marker = f"... [{len(text) - limit} characters cut]"
@@ -121,7 +157,7 @@ def _opt_int(value: JSON) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value
+        return value if -_INT64 - 1 <= value <= _INT64 else None
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
         return int(value)
     return None
@@ -253,7 +289,11 @@ def _outputs(outputs: JSON) -> tuple[OutputRecord, ...]:
         if not isinstance(node_outputs, dict):
             if (node, "", 0) not in seen:
                 seen.add((node, "", 0))
-                records.append(OutputRecord(node_id=node, kind="", position=0, value=node_outputs))
+                records.append(
+                    OutputRecord(node_id=node, kind="", position=0, value=clean_json(node_outputs))
+                )
+                if len(records) >= MAX_OUTPUT_RECORDS:
+                    return tuple(records)
             continue
         for kind, values in node_outputs.items():
             kind_name = _cap(str(kind), MAX_NAME_CHARS)
@@ -270,7 +310,9 @@ def _outputs(outputs: JSON) -> tuple[OutputRecord, ...]:
 
 def _output_record(node_id: str, kind: str, position: int, item: JSON) -> OutputRecord:
     if isinstance(item, dict) and isinstance(item.get("filename"), str):
-        extra = {k: v for k, v in item.items() if k not in ("filename", "subfolder", "type")}
+        extra = {
+            k: v for k, v in clean_json(item).items() if k not in ("filename", "subfolder", "type")
+        }
         return OutputRecord(
             node_id=node_id,
             kind=kind,
@@ -282,7 +324,7 @@ def _output_record(node_id: str, kind: str, position: int, item: JSON) -> Output
         )
     if isinstance(item, str):
         item = _cap(item, MAX_TEXT_CHARS)
-    return OutputRecord(node_id=node_id, kind=kind, position=position, value=item)
+    return OutputRecord(node_id=node_id, kind=kind, position=position, value=clean_json(item))
 
 
 def strip_secrets(extra_data: Mapping[str, JSON]) -> dict[str, JSON]:
@@ -291,8 +333,9 @@ def strip_secrets(extra_data: Mapping[str, JSON]) -> dict[str, JSON]:
 
 
 def sanitize_entry(entry: Mapping[str, JSON]) -> dict[str, JSON]:
-    """The entry as we store it: secrets stripped, size capped by eliding the bulky parts."""
-    clean = dict(entry)
+    """The entry as we store it: secrets stripped, text cleaned, size capped by eliding the
+    bulky parts."""
+    clean: dict[str, JSON] = clean_json(dict(entry))
     prompt = clean.get("prompt")
     if isinstance(prompt, list) and len(prompt) > 3 and isinstance(prompt[3], dict):
         prompt = list(prompt)

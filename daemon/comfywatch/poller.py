@@ -12,16 +12,17 @@ import asyncio
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import structlog
 
 from comfywatch.comfy import ComfyClient
 from comfywatch.config import HookSettings, ServerSettings
 from comfywatch.errors import BadResponse, ServerAuthError, ServerError
-from comfywatch.history import HistoryRecord
+from comfywatch.history import HistoryRecord, QueueSnapshot
 from comfywatch.metrics import Metrics
 from comfywatch.store import ActiveJob, Change, Store
 from comfywatch.tracking import Decision, JobView, Policy, Seen, decide
@@ -42,7 +43,10 @@ class ServerHealth:
     error_kind: str | None = None
     down_since_s: float | None = None
     restart_suspected_at_s: float | None = None
+    #: The highest queue number seen (ComfyUI counts up from 0 per process) and the ids
+    #: of the last queue seen: the evidence for a restart nobody saw as an outage.
     max_number: int | None = None
+    known_ids: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -69,6 +73,39 @@ class _ServerResult:
 
 def _ts(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
+
+
+def numbering_restarted(
+    snapshot: QueueSnapshot, known_ids: frozenset[str], max_number: int | None
+) -> bool:
+    """True if a prompt new to us carries a queue number below one seen before.
+
+    ComfyUI gives each accepted prompt the next number of a counter that starts at 0 with
+    the process; "queue front" prompts get negative ones. Deleting prompts lowers the
+    maximum without any new prompt, so only a new id with a small number is evidence.
+    """
+    if max_number is None:
+        return False
+    return any(
+        0 <= number < max_number
+        for prompt_id, number in snapshot.numbers.items()
+        if prompt_id not in known_ids
+    )
+
+
+async def _gather_or_cancel(
+    coros: Sequence[Coroutine[Any, Any, HistoryRecord | BadResponse | None]],
+) -> list[HistoryRecord | BadResponse | None]:
+    """Run the fetches concurrently; if one fails, cancel the rest before re-raising (no
+    request keeps hitting a server that is being backed off)."""
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class Poller:
@@ -192,9 +229,12 @@ class Poller:
             for name in job.hooks:
                 hook = self.hooks.get(name)
                 if hook is None:
+                    # Still owed: the dispatcher marks it dead ("hook not configured") and
+                    # `comfywatch hooks retry` sends it once the hook is back.
                     log.warning(
                         "hook_not_configured", hook=name, server=job.server, prompt_id=job.prompt_id
                     )
+                    deliveries.append(name)
                 elif decision.state in hook.on:
                     deliveries.append(name)
         return Change(
@@ -258,7 +298,7 @@ class Poller:
                     except BadResponse as exc:
                         return exc  # one bad entry must not stall the rest of the server
 
-            histories = await asyncio.gather(*(fetch(job) for job in waiting))
+            histories = await _gather_or_cancel([fetch(job) for job in waiting])
         except ServerError as exc:
             self._server_failed(server, health, exc, now)
             return None
@@ -271,7 +311,7 @@ class Poller:
             if self._metrics is not None:
                 self._metrics.poll_latency(server, time.monotonic() - started)
 
-        self._server_ok(server, health, snapshot.max_number, now)
+        self._server_ok(server, health, snapshot, now)
         found: dict[int, HistoryRecord | None] = {}
         bad = 0
         for job, history in zip(waiting, histories, strict=True):
@@ -291,8 +331,7 @@ class Poller:
         )
         result = _ServerResult()
         for job in jobs:
-            if job.prompt_id not in in_queue and job.id not in found:
-                continue  # its history could not be read this time
+            unreadable = job.prompt_id not in in_queue and job.id not in found
             memory = self._memory.get(job.id, JobMemory())
             view = JobView(
                 state=job.state,
@@ -307,12 +346,13 @@ class Poller:
                 pending=job.prompt_id in snapshot.pending,
                 history=found.get(job.id),
                 restart_suspected_at_s=health.restart_suspected_at_s,
+                unreadable=unreadable,
             )
             result.decisions.append((job, decide(view, seen, now, policy)))
         return result
 
     def _server_ok(
-        self, server: str, health: ServerHealth, max_number: int | None, now: float
+        self, server: str, health: ServerHealth, snapshot: QueueSnapshot, now: float
     ) -> None:
         if health.up is False:
             log.info(
@@ -323,11 +363,14 @@ class Poller:
             )
             # It may have restarted while we could not see it.
             health.restart_suspected_at_s = now
-        if max_number is not None:
-            if health.max_number is not None and max_number < health.max_number:
-                log.info("server_restart_detected", server=server, evidence="queue_number_reset")
-                health.restart_suspected_at_s = now
-            health.max_number = max_number
+        numbers = [n for n in snapshot.numbers.values() if n >= 0]
+        if numbering_restarted(snapshot, health.known_ids, health.max_number):
+            log.info("server_restart_detected", server=server, evidence="queue_number_reset")
+            health.restart_suspected_at_s = now
+            health.max_number = None  # the new process's numbering starts here
+        health.known_ids = frozenset(snapshot.numbers)
+        if numbers:
+            health.max_number = max([*numbers, health.max_number or 0])
         health.up = True
         health.failures = 0
         health.error_kind = None

@@ -165,10 +165,15 @@ class Daemon:
         try:
             settings = load_settings(self.settings.path)
             added = await self.store.register(new_jobs(settings), self._clock())
-        except (ConfigError, StoreError) as exc:
+        except ConfigError as exc:
             log.error("reload_failed", why=why, error=str(exc), kept="previous configuration")
-            # Do not try again until the files change again.
+            # A broken file: do not try again until the files change again.
             self._fingerprint = config_fingerprint(self.settings)
+            return False
+        except StoreError as exc:
+            # The files are fine but the jobs could not be registered: the fingerprint
+            # stays, so the next loop tries again.
+            log.error("reload_failed", why=why, error=str(exc), kept="previous configuration")
             return False
         self._fingerprint = settings.fingerprint
         await self._stop_watchers()

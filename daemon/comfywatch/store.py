@@ -23,6 +23,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError as AlembicCommandError
 from sqlalchemy import Connection, and_, delete, event, func, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -197,8 +198,8 @@ class Store:
                 raise StoreError(f"database {path} does not exist (has the daemon run yet?)")
         try:
             engine = create_async_engine(async_url(url), pool_pre_ping=path is None)
-        except (SQLAlchemyError, ImportError) as exc:
-            raise StoreError(f"cannot open database: {exc}") from None
+        except (SQLAlchemyError, ImportError, ValueError, TypeError) as exc:
+            raise StoreError(f"cannot open database: {_short(exc)}") from None
         if engine.dialect.name == "sqlite":
             _configure_sqlite(engine, immediate=not readonly)
         return cls(engine, path=path)
@@ -212,7 +213,7 @@ class Store:
         try:
             async with self._sessions() as session, session.begin():
                 yield session
-        except SQLAlchemyError as exc:
+        except _DB_ERRORS as exc:
             raise StoreError(f"database error: {_short(exc)}") from None
 
     # -- schema ---------------------------------------------------------------------------
@@ -222,7 +223,10 @@ class Store:
         try:
             async with self.engine.begin() as conn:
                 await conn.run_sync(_upgrade)
-        except SQLAlchemyError as exc:
+        except AlembicCommandError as exc:
+            # e.g. the database was migrated by a newer comfywatch
+            raise StoreError(f"migration failed: {exc}") from None
+        except _DB_ERRORS as exc:
             raise StoreError(f"migration failed: {_short(exc)}") from None
 
     async def schema_revision(self) -> tuple[str | None, str]:
@@ -234,7 +238,7 @@ class Store:
                 current = await conn.run_sync(
                     lambda c: MigrationContext.configure(c).get_current_revision()
                 )
-        except SQLAlchemyError as exc:
+        except _DB_ERRORS as exc:
             raise StoreError(f"database error: {_short(exc)}") from None
         return current, head
 
@@ -666,7 +670,12 @@ def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def _short(exc: SQLAlchemyError) -> str:
+#: What a database call can raise: SQLAlchemy's errors, and what drivers raise unwrapped
+#: (asyncpg's connection errors, aiosqlite's encoding and overflow errors).
+_DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError, ValueError, OverflowError)
+
+
+def _short(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None)
     return str(orig if orig is not None else exc).splitlines()[0][:300]
 

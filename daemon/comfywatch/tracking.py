@@ -36,8 +36,11 @@ class Seen:
     running: bool = False
     pending: bool = False
     history: HistoryRecord | None = None
-    #: Last time the server may have restarted (outage, queue numbers reset, daemon start).
+    #: Last time the server may have restarted (an outage, or queue numbers reset).
     restart_suspected_at_s: float | None = None
+    #: The job left the queue but its history entry could not be read this time: nothing
+    #: is known, except that deadlines still pass.
+    unreadable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,9 @@ def decide(job: JobView, seen: Seen, now_s: float, policy: Policy) -> Decision:
             last_seen_at_s=job.last_seen_at_s,
         )
 
+    if seen.unreadable:
+        return _deadline_only(job, now_s, policy)
+
     if seen.running:
         started = job.started_at_s if job.state is JobState.RUNNING else None
         started = started if started is not None else now_s
@@ -120,7 +126,7 @@ def decide(job: JobView, seen: Seen, now_s: float, policy: Policy) -> Decision:
         # Known only from the database: it left while this daemon was not watching.
         lost_reason = Reason.LEFT_UNOBSERVED
     elif seen.restart_suspected_at_s is not None and (
-        seen.restart_suspected_at_s >= job.last_seen_at_s
+        seen.restart_suspected_at_s > job.last_seen_at_s
     ):
         lost_reason = Reason.SERVER_RESTARTED
     else:
@@ -131,6 +137,26 @@ def decide(job: JobView, seen: Seen, now_s: float, policy: Policy) -> Decision:
     if lost_reason is not None:
         return _terminal(stay, JobState.LOST, lost_reason)
     return _terminal(stay, JobState.CANCELLED, Reason.DELETED_FROM_QUEUE)
+
+
+def _deadline_only(job: JobView, now_s: float, policy: Policy) -> Decision:
+    """Nothing was learnt about the job: it keeps its state unless a deadline passed."""
+    stay = Decision(
+        state=job.state,
+        queued_at_s=job.queued_at_s,
+        started_at_s=job.started_at_s,
+        last_seen_at_s=job.last_seen_at_s,
+        absent_count=job.absent_count,
+    )
+    if job.state is JobState.RUNNING:
+        started = job.started_at_s if job.started_at_s is not None else job.registered_at_s
+        if policy.run_timeout_s is not None and now_s - started >= policy.run_timeout_s:
+            return _terminal(stay, JobState.TIMEOUT, Reason.RUN_TIMEOUT)
+        return stay
+    waiting_since = min(job.queued_at_s or job.registered_at_s, job.registered_at_s)
+    if policy.queue_timeout_s is not None and now_s - waiting_since >= policy.queue_timeout_s:
+        return _terminal(stay, JobState.TIMEOUT, Reason.QUEUE_TIMEOUT)
+    return stay
 
 
 def _terminal(stay: Decision, state: JobState, reason: Reason) -> Decision:
