@@ -1030,11 +1030,11 @@ MISTAKES = [
 
         [[jobs]]
         server = "local"
-        prompt_id = "{"x" * 257}"
+        prompt_id = "{"x" * 256}"
         """,
         "jobs[0].prompt_id",
         6,
-        "at most 256 characters",
+        "at most 255 characters",
         id="prompt-id-too-long",
     ),
     pytest.param(

@@ -18,7 +18,7 @@ MakeDaemon = Callable[[Path], Awaitable[Daemon]]
 
 
 async def job(daemon: Daemon, prompt_id: str) -> JobRecord:
-    [record] = await daemon.store.jobs(JobFilter(prompt_id=prompt_id))
+    [record] = await daemon.store.jobs(JobFilter(prompt_id=prompt_id), with_history=True)
     return record
 
 

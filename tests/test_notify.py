@@ -32,7 +32,7 @@ WAIT_S = 20.0  # upper bound on waiting for something that must happen
 STATUS_RE = re.compile(r"servers up (\d+)/(\d+), jobs tracked (\d+), deliveries pending (\d+)")
 
 Message = dict[str, str]
-StartDaemon = Callable[[Path], Awaitable["DaemonProcess"]]
+StartDaemon = Callable[..., Awaitable["DaemonProcess"]]
 
 
 class NotifySocket:
@@ -155,8 +155,8 @@ async def daemon_process(notify_socket: NotifySocket) -> AsyncIterator[StartDaem
     """Start daemons with ``NOTIFY_SOCKET`` pointing at the test's socket; kill leftovers."""
     started: list[DaemonProcess] = []
 
-    async def start(config: Path) -> DaemonProcess:
-        env = {**os.environ, "NOTIFY_SOCKET": notify_socket.sock.getsockname()}
+    async def start(config: Path, extra_env: dict[str, str] | None = None) -> DaemonProcess:
+        env = {**os.environ, "NOTIFY_SOCKET": notify_socket.sock.getsockname(), **(extra_env or {})}
         process = DaemonProcess(config, env)
         await process.start()
         started.append(process)
@@ -355,6 +355,31 @@ async def test_watchdog_follows_completed_ticks_and_stops_while_a_tick_hangs(
     resumed = await notify_socket.until(lambda m: m.get("WATCHDOG") == "1")
     assert status(resumed[-1])[2] == 1
 
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait() == 0
+
+
+async def test_watchdog_is_fed_while_idle_after_a_completed_tick(
+    tmp_path: Path,
+    fake: FakeComfyUI,
+    notify_socket: NotifySocket,
+    daemon_process: StartDaemon,
+) -> None:
+    """A poll interval longer than WatchdogSec must not get the daemon killed: after a
+    completed tick, the idle loop pings every WATCHDOG_USEC / 2."""
+    fake.pause()
+    pid = fake.submit()
+    config = write_config(
+        tmp_path,
+        {"local": fake.url},
+        [{"server": "local", "prompt_id": pid}],
+        daemon={"poll_interval_s": 3600},
+    )
+    daemon = await daemon_process(config, {"WATCHDOG_USEC": "200000"})
+    assert ready(await notify_socket.next())
+    for _ in range(5):
+        await notify_socket.until(lambda m: m.get("WATCHDOG") == "1")
+    assert fake.requests["GET /queue"] == 1  # one tick: the later pings came from the idle loop
     daemon.signal(signal.SIGTERM)
     assert await daemon.wait() == 0
 

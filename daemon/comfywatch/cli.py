@@ -327,13 +327,13 @@ async def _show(store: Store, args: argparse.Namespace) -> int:
         "finished_at",
         "detected_at",
     ):
-        print(f"{key + ':':15}{'' if data[key] is None else data[key]}")
-    print(f"{'labels:':15}{_labels(data['labels']) or ''}")
+        _say(f"{key + ':':15}{'' if data[key] is None else data[key]}")
+    _say(f"{'labels:':15}{_labels(data['labels']) or ''}")
     if data["error"]:
         err = data["error"]
-        print(f"error:         node {err['node_id']} ({err['node_type']})")
-        print(f"               {err['exception_type']}: {err['exception_message']}".rstrip())
-    print(f"outputs ({len(data['outputs'])}):")
+        _say(f"error:         node {err['node_id']} ({err['node_type']})")
+        _say(f"               {err['exception_type']}: {err['exception_message']}".rstrip())
+    _say(f"outputs ({len(data['outputs'])}):")
     for out in data["outputs"]:
         what = (
             "/".join(p for p in (out["subfolder"], out["filename"]) if p)
@@ -341,10 +341,10 @@ async def _show(store: Store, args: argparse.Namespace) -> int:
             else json.dumps(out.get("value"))
         )
         where = f"node {out['node_id']} {out['kind']}[{out['position']}]"
-        print(f"  {where} {what} {out['type'] or ''}".rstrip())
-    print(f"deliveries ({len(data['deliveries'])}):")
+        _say(f"  {where} {what} {out['type'] or ''}".rstrip())
+    _say(f"deliveries ({len(data['deliveries'])}):")
     for dl in data["deliveries"]:
-        print(f"  #{dl['id']} {dl['hook']} {dl['state']} attempts={dl['attempts']}")
+        _say(f"  #{dl['id']} {dl['hook']} {dl['state']} attempts={dl['attempts']}")
     return EX_OK
 
 
@@ -422,9 +422,19 @@ def _print_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
+def _say(text: str) -> None:
+    """Print text that may come from a remote server: control characters (terminal escape
+    sequences) are shown escaped, never sent to the terminal."""
+    print(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
+
+
+_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
 def _table(header: list[str], rows: list[list[str]], *, indent: str = "") -> None:
+    rows = [[_CONTROL.sub("?", c) for c in row] for row in rows]
     widths = [len(h) for h in header]
     for row in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
     for row in [header, *rows]:
-        print(indent + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        _say(indent + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -79,7 +79,7 @@ WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 - a format marker, not a secret
 KeyPath: TypeAlias = tuple[str | int, ...]
 """Where a value sits in a TOML document: ``("jobs", 3, "server")``."""
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,255}")  # names are stored in VARCHAR(255)
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _SCALAR_RE = re.compile(r"[^\s,\]}#]+")
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -371,7 +371,7 @@ class _JobTable(BaseModel):
     model_config = _MODEL_CONFIG
 
     server: Annotated[str, Field(min_length=1)]
-    prompt_id: Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_check_prompt_id)]
+    prompt_id: Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_check_prompt_id)]
     labels: dict[str, str] = Field(default_factory=dict)
     hooks: list[_HookName] | None = None
 
@@ -977,7 +977,10 @@ class _Loader:
             raise doc.error((key,), f"must be a table of named tables, e.g. [{key}.name]")
         for name in tables:
             if not _NAME_RE.fullmatch(name):
-                raise doc.error((key, name), "names may only use letters, digits, '_', '.' and '-'")
+                raise doc.error(
+                    (key, name),
+                    "names may only use letters, digits, '_', '.' and '-' (255 at most)",
+                )
         return tables
 
     def _servers(self, doc: _Document, raw_daemon: _DaemonTable) -> dict[str, ServerSettings]:

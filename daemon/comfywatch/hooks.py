@@ -71,6 +71,7 @@ STORE_RETRY_S = 1.0
 #: After SIGKILL, how long to wait for a command's pipes to close before closing them.
 KILL_GRACE_S = 5.0
 NOT_CONFIGURED = "hook not configured"
+_SERVICE_MANAGER_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 _ERROR_MAX_CHARS = 300
 _CHUNK = 65_536
 
@@ -482,6 +483,9 @@ class HookDispatcher:
         for other in self._hooks.values():
             if isinstance(other, WebhookHookSettings) and other.secret_env:
                 env.pop(other.secret_env, None)
+        # systemd's channel is the daemon's own: a command must not speak for it.
+        for name in _SERVICE_MANAGER_VARIABLES:
+            env.pop(name, None)
         env.update(
             COMFYWATCH_SERVER=job.server,
             COMFYWATCH_PROMPT_ID=job.prompt_id,

@@ -96,7 +96,8 @@ class Job(Base):
     error_exception_message: Mapped[str | None] = mapped_column(Text)
     error_traceback: Mapped[str | None] = mapped_column(Text)
 
-    history: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    #: Up to 1 MB per job: loaded only when asked for (``Store.jobs(with_history=True)``).
+    history: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), deferred=True)
 
 
 class JobOutput(Base):

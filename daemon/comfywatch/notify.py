@@ -18,7 +18,9 @@ log = structlog.get_logger("comfywatch.notify")
 class SystemdNotifier:
     """Sends ``READY=1``, ``RELOADING=1``, ``STOPPING=1``, ``WATCHDOG=1`` and ``STATUS=``."""
 
-    def __init__(self, address: str | None) -> None:
+    def __init__(self, address: str | None, *, watchdog_usec: int | None = None) -> None:
+        #: How often to ping while idle: half of systemd's WatchdogSec (None: no watchdog).
+        self.watchdog_ping_s = watchdog_usec / 2_000_000 if watchdog_usec else None
         self._address: str | None = None
         self._sock: socket.socket | None = None
         if address:
@@ -28,7 +30,14 @@ class SystemdNotifier:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SystemdNotifier:
-        return cls((env if env is not None else os.environ).get("NOTIFY_SOCKET"))
+        env = env if env is not None else os.environ
+        usec = env.get("WATCHDOG_USEC", "")
+        pid = env.get("WATCHDOG_PID", "")
+        mine = not pid or pid == str(os.getpid())
+        return cls(
+            env.get("NOTIFY_SOCKET"),
+            watchdog_usec=int(usec) if usec.isdigit() and mine else None,
+        )
 
     @property
     def enabled(self) -> bool:

@@ -96,6 +96,7 @@ class Daemon:
         # Taken before the files were read, so an edit made during a load is not missed.
         self._fingerprint = settings.fingerprint
         self._last_prune_s = 0.0
+        self._prune_task: asyncio.Task[None] | None = None
         self._last_stats_s = 0.0
         # Whether the last tick was recorded (so the counts in self.status are current).
         self._tick_recorded = False
@@ -229,6 +230,9 @@ class Daemon:
             self.stop_event.set()
             self.notifier.notify(stopping=True)
             await self._stop_watchers()
+            if self._prune_task is not None:
+                self._prune_task.cancel()  # between batches: each batch commits whole
+                await asyncio.wait({self._prune_task})
             self.dispatcher.wake()
             try:
                 await self._stop_dispatcher(dispatcher_task)
@@ -297,15 +301,27 @@ class Daemon:
                     {k: now - v.timestamp() for k, v in stats.oldest_active.items()}
                 )
             days = self.settings.daemon.retention_days
-            if days is not None and now - self._last_prune_s >= PRUNE_EVERY_S:
+            if (
+                days is not None
+                and now - self._last_prune_s >= PRUNE_EVERY_S
+                and (self._prune_task is None or self._prune_task.done())
+            ):
                 self._last_prune_s = now
-                pruned = await self.store.prune(
-                    retention_cutoff(now, days), dry_run=False, keep=configured(self.settings)
-                )
-                if pruned:
-                    log.info("pruned", jobs=pruned, retention_days=days)
+                # Its own task, in small transactions: ticks go on between the batches.
+                self._prune_task = asyncio.create_task(self._prune(now, days), name="prune")
         except StoreError as exc:
             log.warning("housekeeping_failed", error=str(exc))
+
+    async def _prune(self, now: float, days: float) -> None:
+        try:
+            pruned = await self.store.prune(
+                retention_cutoff(now, days), dry_run=False, keep=configured(self.settings)
+            )
+        except StoreError as exc:
+            log.warning("prune_failed", error=str(exc))
+            return
+        if pruned:
+            log.info("pruned", jobs=pruned, retention_days=days)
 
     async def _all_done(self) -> bool:
         """Whether ``--until-done`` may stop; never on counts older than a failed tick, and a
@@ -330,8 +346,15 @@ class Daemon:
             if now_s >= deadline_s or (self._hinted and now_s >= gap_end_s):
                 return
             until_s = min(deadline_s, gap_end_s) if self._hinted else deadline_s
+            ping_s = self.notifier.watchdog_ping_s
+            if ping_s is not None:
+                # Long poll intervals: keep systemd's watchdog fed while idle after a
+                # completed tick (a hung tick still stops the pings).
+                until_s = min(until_s, now_s + ping_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), until_s - now_s)
+            if ping_s is not None:
+                self.notifier.notify(watchdog=True)
 
     def _hint_gap_s(self) -> float:
         """The shortest time between two polls of a server, however often it hints."""

@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import undefer
 
 from comfywatch.errors import StoreError
 from comfywatch.history import HistoryRecord, OutputRecord
@@ -382,9 +383,14 @@ class Store:
 
     # -- queries --------------------------------------------------------------------------
 
-    async def jobs(self, flt: JobFilter, *, with_deliveries: bool = False) -> list[JobRecord]:
-        """Jobs matching ``flt``, newest registration first, with their outputs."""
+    async def jobs(
+        self, flt: JobFilter, *, with_deliveries: bool = False, with_history: bool = False
+    ) -> list[JobRecord]:
+        """Jobs matching ``flt``, newest registration first, with their outputs (and their
+        deliveries and raw history entries when asked)."""
         query = select(Job).order_by(Job.registered_at.desc(), Job.id.desc())
+        if with_history:
+            query = query.options(undefer(Job.history))
         if flt.states:
             query = query.where(Job.state.in_(list(flt.states)))
         if flt.server is not None:
