@@ -298,9 +298,9 @@ async def test_sigkill_at_random_moments_loses_nothing_and_half_writes_nothing(
 async def test_sigterm_during_a_hung_tick_exits_0_with_nothing_half_written(
     tmp_path: Path, fake: FakeComfyUI, route: str
 ) -> None:
-    """A tick stuck on a request that never answers: SIGTERM still ends the daemon with
-    status 0 (the network part is cancelled after the grace period) and nothing of the
-    interrupted tick is in the database."""
+    """A poll stuck on a request that never answers: SIGTERM still ends the daemon with
+    status 0 (the poll, left running in the background past its tick's budget, is
+    cancelled) and nothing of it is in the database."""
     pids = [fake.submit(GRAPH) for _ in range(5)]
     for pid in pids:
         await fake.wait_finished(pid)
@@ -316,7 +316,7 @@ async def test_sigterm_during_a_hung_tick_exits_0_with_nothing_half_written(
         assert await proc.wait(timeout_s=30) == 0, proc.describe()
     finally:
         await proc.close()
-    assert proc.named("tick_cancelled_on_stop") and proc.named("daemon_stopped")
+    assert proc.named("polls_cancelled_on_stop") and proc.named("daemon_stopped")
     with connect(tmp_path / "comfywatch.db") as conn:
         assert integrity_problems(conn) == []
         assert job_states(conn) == dict.fromkeys(pids, "registered")

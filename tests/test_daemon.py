@@ -390,3 +390,34 @@ async def test_deleting_the_newest_pending_prompt_is_no_restart(
     j = (await job(daemon, newest)).job
     assert (j.state, j.reason) == ("cancelled", "deleted_from_queue")
     assert (await job(daemon, older)).job.state == "queued"
+
+
+async def test_a_hung_server_does_not_hold_the_others_back(
+    tmp_path: Path, fake: FakeComfyUI, fake2: FakeComfyUI, make_daemon: MakeDaemon
+) -> None:
+    """A server that never answers (and a long request timeout) keeps its poll running in
+    the background; the loop goes on recording the healthy server's jobs meanwhile."""
+    fake.pause()
+    stuck = fake.submit()
+    fake.inject("hang", route="GET /queue")
+    sick = {"url": fake.url, "request_timeout_s": 300}
+    config = write_config(
+        tmp_path,
+        {"sick": sick, "well": fake2.url},
+        [spec(stuck, "sick")],
+        daemon={"poll_interval_s": 0.05},
+    )
+    daemon = await make_daemon(config)
+    runner = asyncio.create_task(daemon.run())
+    try:
+        await fake.wait_requests("GET /queue")
+        later = fake2.submit()
+        (tmp_path / "jobs.d" / "late.toml").write_text(jobs_toml([spec(later, "well")]))
+        await eventually(lambda: states(daemon), lambda s: s.get(later) == "success")
+        assert fake.requests["GET /queue"] == 1  # one poll in flight, not one per tick
+        fake.clear_faults()
+        fake.resume()
+        await eventually(lambda: states(daemon), lambda s: s[stuck] == "success")
+    finally:
+        daemon.request_stop()
+        assert await runner == 0

@@ -27,6 +27,7 @@ from comfywatch.store import Store
 from comfywatch.testing import FakeComfyUI
 
 from .conftest import jobs_toml, write_config
+from .daemon_proc import DaemonProcess as LoggingDaemon
 
 WAIT_S = 20.0  # upper bound on waiting for something that must happen
 STATUS_RE = re.compile(r"servers up (\d+)/(\d+), jobs tracked (\d+), deliveries pending (\d+)")
@@ -310,53 +311,50 @@ async def test_stop_sends_stopping_last_and_exits_0(
     assert b'"daemon_stopped"' in daemon.stdout
 
 
-async def test_watchdog_follows_completed_ticks_and_stops_while_a_tick_hangs(
-    tmp_path: Path,
-    fake: FakeComfyUI,
-    notify_socket: NotifySocket,
-    daemon_process: StartDaemon,
+async def test_watchdog_follows_completed_ticks_and_stops_while_ticks_fail(
+    tmp_path: Path, fake: FakeComfyUI, notify_socket: NotifySocket
 ) -> None:
-    """WATCHDOG=1 comes from the loop itself: a tick stuck on a request that never answers
-    sends none (so systemd's WatchdogSec would restart the daemon), and the pings resume
-    once the request is answered.
+    """WATCHDOG=1 comes only from ticks that really complete. Another process holding the
+    database's write lock makes every tick fail (``tick_not_recorded``): no ping arrives
+    while it lasts (so systemd's WatchdogSec would restart the daemon), and the pings
+    resume once the lock is gone. (A server that hangs no longer stalls the loop at all:
+    its poll outlives the tick's budget in the background.)
 
-    "None arrives" can only be observed over a window: WINDOW_S, many poll intervals long.
-    Waiting it out cannot make the test pass by luck; a ping sent by anything but a
-    completed tick would arrive within it.
+    "None arrives" can only be observed over a window between two failed ticks; a ping
+    sent by anything but a completed tick would arrive within it.
     """
-    poll_interval_s = 0.05
-    window_s = 40 * poll_interval_s
-    fake.hold_running()  # an active job, so every tick asks GET /queue
+    fake.hold_running()  # an active job, so every tick reads and polls
     pid = fake.submit()
     await fake.wait_running(pid)
-    server = {"url": fake.url, "request_timeout_s": 300}  # a hung request is not cut short
     config = write_config(
         tmp_path,
-        {"local": server},
+        {"local": fake.url},
         [{"server": "local", "prompt_id": pid}],
-        daemon={"poll_interval_s": poll_interval_s},
+        daemon={"poll_interval_s": 0.05},
     )
-    daemon = await daemon_process(config)
-    assert ready(await notify_socket.next())
-    for _ in range(3):
-        await notify_socket.until(lambda m: m.get("WATCHDOG") == "1")
+    env = {"NOTIFY_SOCKET": notify_socket.sock.getsockname(), "WATCHDOG_USEC": "100000"}
+    daemon = await LoggingDaemon.start(config, env=env)
+    try:
+        assert ready(await notify_socket.next())
+        for _ in range(3):
+            await notify_socket.until(lambda m: m.get("WATCHDOG") == "1")
 
-    asked = fake.requests["GET /queue"]
-    fake.inject("hang", route="GET /queue")
-    await fake.wait_requests("GET /queue", asked + 1, timeout_s=WAIT_S)
-    # The hanging request was sent after the previous tick's ping: that ping is here now.
-    notify_socket.drain()
-    with pytest.raises(TimeoutError):
-        await notify_socket.next(timeout_s=window_s)
-    assert fake.requests["GET /queue"] == asked + 1  # the loop is stuck, not skipping
-    assert daemon.running
-
-    fake.clear_faults()  # the hanging request now gets its answer
-    resumed = await notify_socket.until(lambda m: m.get("WATCHDOG") == "1")
-    assert status(resumed[-1])[2] == 1
-
-    daemon.signal(signal.SIGTERM)
-    assert await daemon.wait() == 0
+        writer = sqlite3.connect(tmp_path / "comfywatch.db", isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+            first = await daemon.wait_event("tick_not_recorded")
+            notify_socket.drain()  # pings of ticks that completed before the lock
+            await daemon.wait_event("tick_not_recorded", start=first + 1)
+            assert not [m for m in notify_socket.drain() if m.get("WATCHDOG") == "1"]
+            writer.execute("ROLLBACK")
+        finally:
+            writer.close()
+        resumed = await notify_socket.until(lambda m: m.get("WATCHDOG") == "1")
+        assert status(resumed[-1])[2] == 1
+        daemon.send(signal.SIGTERM)
+        assert await daemon.wait() == 0
+    finally:
+        await daemon.close()
 
 
 async def test_watchdog_is_fed_while_idle_after_a_completed_tick(

@@ -9,6 +9,7 @@ A server that fails is backed off (exponential, jittered, capped) and its jobs w
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections import defaultdict
@@ -132,6 +133,11 @@ class Poller:
         self._memory: dict[int, JobMemory] = {}
         self._warned_unknown: set[str] = set()
         self._recording: asyncio.Future[list[int]] | None = None
+        self._inflight: dict[str, asyncio.Task[_ServerResult | None]] = {}
+        self._late: set[str] = set()
+        #: Called with a server's name when its poll finishes (the service polls again
+        #: soon to record a result that outlived its tick's budget).
+        self.on_poll_done: Callable[[str], None] | None = None
         self.hooks: Mapping[str, HookSettings] = {}
         self.not_found_after_s = not_found_after_s
         self.poll_interval_s = poll_interval_s
@@ -157,6 +163,14 @@ class Poller:
         return dict(self._clients)
 
     async def close(self) -> None:
+        inflight = list(self._inflight.values())
+        if inflight:
+            log.warning("polls_cancelled_on_stop", servers=sorted(self._inflight))
+        self._inflight.clear()
+        for task in inflight:
+            task.cancel()  # only network reads: nothing is half-written
+        if inflight:
+            await asyncio.wait(inflight)
         if self._recording is not None and not self._recording.done():
             log.info("waiting_for_commit")
             await asyncio.wait({self._recording})
@@ -166,32 +180,53 @@ class Poller:
     def health(self) -> Mapping[str, ServerHealth]:
         return {name: self._health[name] for name in self._servers}
 
-    async def tick(self, only: Collection[str] | None = None) -> TickReport:
+    async def tick(
+        self, only: Collection[str] | None = None, *, budget_s: float | None = None
+    ) -> TickReport:
         """One round over every server that is due (or only those named); all writes in
-        one transaction."""
+        one transaction.
+
+        With ``budget_s``, the tick waits that long at most: a server slower than that
+        (a hung host, a slow drip) keeps its poll running in the background, and its
+        result is recorded by a later tick, so it never holds the other servers back.
+        Without it (tests, ``--once`` style use) every poll is awaited.
+        """
         now = self._clock()
         jobs = await self._store.active_jobs()
         by_server: dict[str, list[ActiveJob]] = defaultdict(list)
         for job in jobs:
             by_server[job.server].append(job)
 
-        polls: dict[str, asyncio.Task[_ServerResult | None]] = {}
-        async with asyncio.TaskGroup() as group:
-            for server, server_jobs in by_server.items():
-                if server not in self._clients:
-                    if server not in self._warned_unknown:
-                        self._warned_unknown.add(server)
-                        log.warning("server_not_configured", server=server, jobs=len(server_jobs))
-                    continue
-                if self._health[server].next_poll_at_s > now or (
-                    only is not None and server not in only
-                ):
-                    continue
-                polls[server] = group.create_task(self._poll_server(server, server_jobs, now))
+        for server, server_jobs in by_server.items():
+            if server not in self._clients:
+                if server not in self._warned_unknown:
+                    self._warned_unknown.add(server)
+                    log.warning("server_not_configured", server=server, jobs=len(server_jobs))
+                continue
+            if (
+                server in self._inflight
+                or self._health[server].next_poll_at_s > now
+                or (only is not None and server not in only)
+            ):
+                continue
+            task = asyncio.create_task(
+                self._poll_server(server, server_jobs, now), name=f"poll-{server}"
+            )
+            task.add_done_callback(functools.partial(self._poll_done, server))
+            self._inflight[server] = task
 
+        if self._inflight:
+            await asyncio.wait(set(self._inflight.values()), timeout=budget_s)
         decisions: list[tuple[ActiveJob, Decision]] = []
         failed = 0
-        for task in polls.values():
+        polled = 0
+        for server, task in list(self._inflight.items()):
+            if not task.done():
+                self._late.add(server)  # a slow server: a later tick records its result
+                continue
+            del self._inflight[server]
+            self._late.discard(server)
+            polled += 1
             result = task.result()
             if result is None:
                 failed += 1
@@ -219,9 +254,13 @@ class Poller:
             active=len(jobs) - finished,
             changed=len(applied),
             finished=finished,
-            servers_polled=len(polls),
+            servers_polled=polled,
             servers_failed=failed,
         )
+
+    def _poll_done(self, server: str, task: asyncio.Task[_ServerResult | None]) -> None:
+        if server in self._late and not task.cancelled() and self.on_poll_done is not None:
+            self.on_poll_done(server)
 
     def _change(self, job: ActiveJob, decision: Decision, now: float) -> Change:
         deliveries: list[str] = []
@@ -304,7 +343,8 @@ class Poller:
             return None
         except Exception as exc:
             # A bug met on this server's data must not stop tracking everywhere else.
-            log.exception("poll_failed_unexpectedly", server=server)
+            if health.error_kind != "error":  # the traceback once per episode
+                log.exception("poll_failed_unexpectedly", server=server)
             self._server_failed(server, health, ServerError(server, repr(exc)[:300]), now)
             return None
         finally:

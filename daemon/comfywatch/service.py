@@ -27,6 +27,8 @@ log = structlog.get_logger("comfywatch.service")
 
 #: How long a stop waits for an in-flight tick before cancelling its network part.
 STOP_GRACE_S = 5.0
+#: The longest a tick waits for slow servers before recording the others' results.
+MIN_TICK_BUDGET_S = 1.0
 #: The shortest gap between polls of one server that WebSocket hints may cause (so a
 #: busy server is polled at most twice a second, however many prompts finish).
 HINT_GAP_S = 0.5
@@ -203,6 +205,7 @@ class Daemon:
             self.status.ready = True
             self.notifier.notify(ready=True, status=self._status_line())
             self._start_watchers()
+            self.poller.on_poll_done = self.hint  # a slow server's late result: record it soon
             next_full_s = time.monotonic()
             while not self.stop_event.is_set():
                 if self._reload_event.is_set():
@@ -256,7 +259,8 @@ class Daemon:
     async def _one_tick(self, only: set[str] | None = None) -> float | None:
         """Run one tick (bounded by the stop grace period once a stop is requested);
         returns a delay before the next full tick when this one must be retried soon."""
-        tick = asyncio.create_task(self.poller.tick(only))
+        budget_s = max(MIN_TICK_BUDGET_S, self.settings.daemon.poll_interval_s)
+        tick = asyncio.create_task(self.poller.tick(only, budget_s=budget_s))
         stop = asyncio.create_task(self.stop_event.wait())
         try:
             await asyncio.wait({tick, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -346,7 +350,8 @@ class Daemon:
             if now_s >= deadline_s or (self._hinted and now_s >= gap_end_s):
                 return
             until_s = min(deadline_s, gap_end_s) if self._hinted else deadline_s
-            ping_s = self.notifier.watchdog_ping_s
+            # Only while the last tick was recorded: a loop whose ticks fail stays unfed.
+            ping_s = self.notifier.watchdog_ping_s if self._tick_recorded else None
             if ping_s is not None:
                 # Long poll intervals: keep systemd's watchdog fed while idle after a
                 # completed tick (a hung tick still stops the pings).
