@@ -126,3 +126,16 @@ async def test_metrics_port_in_use_is_a_config_error(tmp_path: Path) -> None:
         )
         code, _, err = await comfywatch("run", "--config", str(config))
     assert code == 78 and "daemon.http" in err and "Traceback" not in err
+
+
+def test_options_before_and_after_a_nested_action_both_count() -> None:
+    """``hooks --config X retry`` must not lose ``--config`` to the action's defaults."""
+    from comfywatch.cli import build_parser
+
+    parser = build_parser()
+    for argv in (
+        ["hooks", "--config", "X", "retry", "7"],
+        ["hooks", "retry", "7", "--config", "X"],
+    ):
+        args = parser.parse_args(argv)
+        assert (str(args.config), args.ids) == ("X", [7])

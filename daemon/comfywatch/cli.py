@@ -46,21 +46,30 @@ def _duration_s(text: str) -> float:
     return float(match.group(1)) * unit
 
 
+def _common_options(*, default: object) -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=default,
+        help="config file (default: $COMFYWATCH_CONFIG, then /etc/comfywatch/comfywatch.toml)",
+    )
+    common.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default=default
+    )
+    common.add_argument("--log-format", choices=["auto", "json", "console"], default=default)
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="comfywatch",
         description="Track ComfyUI prompts to the end; record them in SQLite; fire hooks.",
     )
     parser.add_argument("--version", action="version", version=f"comfywatch {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="config file (default: $COMFYWATCH_CONFIG, then /etc/comfywatch/comfywatch.toml)",
-    )
-    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    common.add_argument("--log-format", choices=["auto", "json", "console"])
+    common = _common_options(default=None)
+    # For sub-subcommands (hooks retry): an option given before the action must survive.
+    nested = _common_options(default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common], help="run the daemon until stopped")
@@ -96,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hooks.add_argument("--limit", type=int, default=None)
     hooks.add_argument("--json", action="store_true")
-    retry = hooks_sub.add_parser("retry", parents=[common], help="send dead deliveries again")
+    retry = hooks_sub.add_parser("retry", parents=[nested], help="send dead deliveries again")
     retry.add_argument("ids", nargs="*", type=int, metavar="ID")
     retry.add_argument("--all-dead", action="store_true")
 
