@@ -139,3 +139,22 @@ def test_options_before_and_after_a_nested_action_both_count() -> None:
     ):
         args = parser.parse_args(argv)
         assert (str(args.config), args.ids) == ("X", [7])
+
+
+async def test_a_second_daemon_on_the_same_database_is_refused(
+    tmp_path: Path, fake: FakeComfyUI
+) -> None:
+    """Two daemons would send every hook twice: the second one exits 69 and says why."""
+    from .daemon_proc import DaemonProcess
+
+    config = write_config(tmp_path, {"local": fake.url})
+    first = await DaemonProcess.start(config)
+    try:
+        await first.wait_event("daemon_started")
+        code, _, err = await comfywatch("run", "--config", str(config))
+        assert code == 69 and "another comfywatch daemon" in err
+        assert first.proc.returncode is None  # still running
+    finally:
+        await first.close()
+    code, _, err = await comfywatch("run", "--config", str(config), "--until-done")
+    assert code == 0, err  # the lock went with the first process

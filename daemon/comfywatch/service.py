@@ -410,6 +410,7 @@ async def run_daemon(settings: Settings, *, until_done: bool = False) -> int:
     """Open the store and run until stopped. Raises StoreError if the database fails."""
     store = Store.open(settings.daemon.database_url)
     try:
+        await store.lock_for_daemon()
         daemon = Daemon(settings, store=store)
         daemon.install_signal_handlers()
         server = None

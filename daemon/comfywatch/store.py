@@ -9,6 +9,7 @@ are translated into :class:`~comfywatch.errors.StoreError`; nothing above sees t
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import uuid
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
@@ -24,10 +25,11 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError as AlembicCommandError
-from sqlalchemy import Connection, and_, delete, event, func, insert, select, update
+from sqlalchemy import Connection, and_, delete, event, func, insert, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -180,6 +182,8 @@ class Store:
         # file alive, so only a look at the path tells that it is no longer the database.
         self._path = path
         self._file_id = _file_id(path) if path is not None else None
+        self._lock_fd: int | None = None
+        self._lock_conn: AsyncConnection | None = None
 
     @classmethod
     def open(cls, url: str, *, create: bool = True, readonly: bool = False) -> Store:
@@ -205,7 +209,43 @@ class Store:
             _configure_sqlite(engine, immediate=not readonly)
         return cls(engine, path=path)
 
+    async def lock_for_daemon(self) -> None:
+        """Make sure no other daemon uses this database (two would send every hook twice):
+        an exclusive ``flock`` beside a SQLite file, an advisory lock on PostgreSQL. Held
+        until :meth:`close` (or the process ends, however it ends)."""
+        if self._path is not None:
+            lock_path = self._path.with_name(self._path.name + ".lock")
+            try:
+                fd = os.open(lock_path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, DB_FILE_MODE)
+            except OSError as exc:
+                raise StoreError(f"cannot open {lock_path}: {exc.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise StoreError(
+                    f"another comfywatch daemon is using {self._path} (it holds {lock_path})"
+                ) from None
+            self._lock_fd = fd
+            return
+        if self.engine.dialect.name == "postgresql":
+            try:
+                conn = await self.engine.connect()
+                got = await conn.scalar(text("SELECT pg_try_advisory_lock(hashtext('comfywatch'))"))
+            except _DB_ERRORS as exc:
+                raise StoreError(f"database error: {_short(exc)}") from None
+            if not got:
+                await conn.close()
+                raise StoreError("another comfywatch daemon is using this database")
+            self._lock_conn = conn
+
     async def close(self) -> None:
+        if self._lock_conn is not None:
+            await self._lock_conn.close()
+            self._lock_conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         await self.engine.dispose()
 
     @asynccontextmanager
