@@ -90,22 +90,15 @@ def clock() -> Clock:
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeComfyUI]:
-    server = FakeComfyUI(run_time_s=0.01)
-    await server.start()
-    try:
+    async with FakeComfyUI(run_time_s=0.01) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture
 async def fake2() -> AsyncIterator[FakeComfyUI]:
-    server = FakeComfyUI(run_time_s=0.01)
-    await server.start()
-    try:
+    """A second server, for tests of several at once."""
+    async with FakeComfyUI(run_time_s=0.01) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 DaemonFactory = Callable[[Path], Daemon]

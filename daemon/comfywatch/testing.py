@@ -1049,28 +1049,10 @@ class FakeComfyUI:
         return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": {}})
 
     async def _post_queue(self, request: web.Request) -> web.StreamResponse:
-        body = await _read_json(request)
-        if not isinstance(body, dict):
-            return _internal_error()
-        to_delete = body.get("delete", [])
-        if not isinstance(to_delete, list | str):
-            return _internal_error()
-        if body.get("clear"):
-            self.clear_queue()
-        self.delete_from_queue([p for p in to_delete if isinstance(p, str)])
-        return web.Response(status=200)
+        return await _clear_or_delete(request, self.clear_queue, self.delete_from_queue)
 
     async def _post_history(self, request: web.Request) -> web.StreamResponse:
-        body = await _read_json(request)
-        if not isinstance(body, dict):
-            return _internal_error()
-        to_delete = body.get("delete", [])
-        if not isinstance(to_delete, list | str):
-            return _internal_error()
-        if body.get("clear"):
-            self.clear_history()
-        self.delete_history([p for p in to_delete if isinstance(p, str)])
-        return web.Response(status=200)
+        return await _clear_or_delete(request, self.clear_history, self.delete_history)
 
     async def _post_interrupt(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -1331,6 +1313,23 @@ def _drop(request: web.Request) -> None:
     """Close the connection under a request, as a dying server would."""
     if request.transport is not None:
         request.transport.close()
+
+
+async def _clear_or_delete(
+    request: web.Request, clear: Callable[[], object], delete: Callable[[list[str]], object]
+) -> web.StreamResponse:
+    """``POST /queue`` and ``POST /history``: ``{"clear": true}`` and/or ``{"delete": [ids]}``,
+    answered 200 with an empty body (500 for a body that is not such an object)."""
+    body = await _read_json(request)
+    if not isinstance(body, dict):
+        return _internal_error()
+    to_delete = body.get("delete", [])
+    if not isinstance(to_delete, list | str):
+        return _internal_error()
+    if body.get("clear"):
+        clear()
+    delete([p for p in to_delete if isinstance(p, str)])
+    return web.Response(status=200)
 
 
 def _internal_error() -> web.Response:
