@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,3 +21,20 @@ def only_entry(name: str) -> tuple[str, dict[str, Any]]:
     body = fixture(name)
     assert len(body) == 1
     return next(iter(body.items()))
+
+
+async def comfywatch(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run ``python -m comfywatch ARGS`` to the end without blocking this event loop (so a
+    fake server in it keeps serving); returns (exit status, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "comfywatch",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from comfywatch.testing import FakeComfyUI
 
 from .conftest import write_config
-
-
-async def comfywatch(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Run ``python -m comfywatch ARGS`` without blocking the fake server in this loop."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "comfywatch",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+from .helpers import comfywatch
 
 
 async def test_run_until_done_then_query_jobs_and_show(tmp_path: Path, fake: FakeComfyUI) -> None:

@@ -39,22 +39,11 @@ from comfywatch.models import HookDelivery
 from comfywatch.states import JobState, Reason
 from comfywatch.store import Change, DeliveryState, NewJob, Store
 
+from .conftest import Clock
+
 SECRET_KEY = b"comfywatch-test-key-0123456789ab"
 WHSEC = "whsec_" + base64.b64encode(SECRET_KEY).decode()
 WAIT_S = 10.0  # upper bound on waiting for an event; never reached when things work
-
-
-class FakeClock:
-    """The dispatcher's clock, moved by the test."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Receiver:
@@ -113,11 +102,6 @@ class Receiver:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
     db = Store.open("sqlite:///" + str(tmp_path / "db.sqlite"))
     await db.migrate()
@@ -143,7 +127,7 @@ async def receivers() -> AsyncIterator[Callable[..., Any]]:
 
 
 @pytest.fixture
-async def dispatchers(store: Store, clock: FakeClock) -> AsyncIterator[Callable[..., Any]]:
+async def dispatchers(store: Store, clock: Clock) -> AsyncIterator[Callable[..., Any]]:
     made: list[HookDispatcher] = []
 
     def make(
@@ -320,7 +304,7 @@ def test_sign_matches_standard_webhooks() -> None:
 
 
 async def test_webhook_is_signed_per_standard_webhooks(
-    store: Store, clock: FakeClock, receivers: Any, dispatchers: Any
+    store: Store, clock: Clock, receivers: Any, dispatchers: Any
 ) -> None:
     """The POST verifies with the standardwebhooks library, and fails with another secret."""
     receiver = await receivers([200])
@@ -363,7 +347,7 @@ async def test_webhook_is_signed_per_standard_webhooks(
 
 
 async def test_unsigned_webhook_has_no_signature(
-    store: Store, clock: FakeClock, receivers: Any, dispatchers: Any
+    store: Store, clock: Clock, receivers: Any, dispatchers: Any
 ) -> None:
     """Without a secret the id and timestamp are sent, the signature is not."""
     receiver = await receivers()
@@ -375,7 +359,7 @@ async def test_unsigned_webhook_has_no_signature(
 
 
 async def test_retries_on_schedule_with_one_webhook_id(
-    store: Store, clock: FakeClock, receivers: Any, dispatchers: Any
+    store: Store, clock: Clock, receivers: Any, dispatchers: Any
 ) -> None:
     """Fails twice, then succeeds: three requests, one webhook-id, one body, attempts 3."""
     receiver = await receivers([500, 503, 200])
@@ -411,7 +395,7 @@ async def test_retries_on_schedule_with_one_webhook_id(
 
 
 async def test_receiver_down_goes_dead_then_revived(
-    store: Store, clock: FakeClock, receivers: Any, dispatchers: Any
+    store: Store, clock: Clock, receivers: Any, dispatchers: Any
 ) -> None:
     """Connection refused is retried on schedule, then dead; revived, it is delivered."""
     await finished_job(store, clock)
@@ -445,7 +429,7 @@ async def test_receiver_down_goes_dead_then_revived(
 
 
 async def test_hanging_receiver_times_out(
-    store: Store, clock: FakeClock, receivers: Any, dispatchers: Any
+    store: Store, clock: Clock, receivers: Any, dispatchers: Any
 ) -> None:
     """A receiver that never answers costs timeout_s, then a retry is scheduled."""
     receiver = await receivers(hang=True)
@@ -458,7 +442,7 @@ async def test_hanging_receiver_times_out(
 
 
 async def test_gone_is_dead_at_once_and_body_is_capped(
-    store: Store, clock: FakeClock, receivers: Any, dispatchers: Any
+    store: Store, clock: Clock, receivers: Any, dispatchers: Any
 ) -> None:
     """410 Gone is not retried; the stored response is a capped excerpt."""
     receiver = await receivers([410], body=b"g" * 10_000)
@@ -469,7 +453,7 @@ async def test_gone_is_dead_at_once_and_body_is_capped(
     assert delivery.last_response == "g" * RESPONSE_EXCERPT_BYTES
 
 
-async def test_unconfigured_hook_is_dead(store: Store, clock: FakeClock, dispatchers: Any) -> None:
+async def test_unconfigured_hook_is_dead(store: Store, clock: Clock, dispatchers: Any) -> None:
     """A delivery whose hook left the config is marked dead, not left pending forever."""
     await finished_job(store, clock)
     assert await dispatchers({}).run_once() == 1
@@ -525,7 +509,7 @@ class Gate:
 
 
 async def test_concurrency_is_bounded(
-    store: Store, clock: FakeClock, dispatchers: Any, tmp_path: Path
+    store: Store, clock: Clock, dispatchers: Any, tmp_path: Path
 ) -> None:
     """Never more than ``concurrency`` attempts at once; all are made."""
     gate = Gate()
@@ -609,7 +593,7 @@ RECORDER = """
 
 
 async def test_command_gets_json_on_stdin_and_env(
-    store: Store, clock: FakeClock, dispatchers: Any, tmp_path: Path
+    store: Store, clock: Clock, dispatchers: Any, tmp_path: Path
 ) -> None:
     """The job JSON arrives on stdin, the COMFYWATCH_* variables in the environment."""
     await finished_job(store, clock)
@@ -632,7 +616,7 @@ async def test_command_gets_json_on_stdin_and_env(
 
 
 async def test_shell_metacharacters_reach_the_command_unchanged(
-    store: Store, clock: FakeClock, dispatchers: Any, tmp_path: Path
+    store: Store, clock: Clock, dispatchers: Any, tmp_path: Path
 ) -> None:
     """No shell anywhere: hostile text is data in env and stdin, and nothing runs."""
     marker = tmp_path / "pwned"
@@ -650,7 +634,7 @@ async def test_shell_metacharacters_reach_the_command_unchanged(
 
 
 async def test_command_failure_is_retried(
-    store: Store, clock: FakeClock, dispatchers: Any, tmp_path: Path
+    store: Store, clock: Clock, dispatchers: Any, tmp_path: Path
 ) -> None:
     """A non-zero exit is retried on schedule; stderr is kept with stdout."""
     await finished_job(store, clock)
@@ -667,7 +651,7 @@ async def test_command_failure_is_retried(
 
 
 async def test_missing_executable_is_a_failed_attempt(
-    store: Store, clock: FakeClock, dispatchers: Any, tmp_path: Path
+    store: Store, clock: Clock, dispatchers: Any, tmp_path: Path
 ) -> None:
     """A command that cannot start is an attempt that failed, not a crash."""
     await finished_job(store, clock)
@@ -678,7 +662,7 @@ async def test_missing_executable_is_a_failed_attempt(
 
 
 async def test_command_timeout_kills_the_process_group(
-    store: Store, clock: FakeClock, dispatchers: Any, tmp_path: Path
+    store: Store, clock: Clock, dispatchers: Any, tmp_path: Path
 ) -> None:
     """On timeout the whole group dies, the grandchild included."""
     await finished_job(store, clock)
@@ -705,7 +689,7 @@ async def test_command_timeout_kills_the_process_group(
 
 
 async def test_command_output_is_capped(
-    store: Store, clock: FakeClock, dispatchers: Any, tmp_path: Path
+    store: Store, clock: Clock, dispatchers: Any, tmp_path: Path
 ) -> None:
     """Output beyond max_output_bytes is read (the command never blocks) but not kept."""
     await finished_job(store, clock)

@@ -16,7 +16,7 @@ from comfywatch.store import Store
 from comfywatch.testing import FakeComfyUI
 
 from .conftest import write_config
-from .test_cli import comfywatch
+from .helpers import comfywatch
 from .test_hooks import WHSEC, Receiver
 
 HOOKS = """

@@ -7,14 +7,11 @@ fake ComfyUI, with webhook receivers on 127.0.0.1 in this test's event loop.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import os
 import re
 import socket
 import sqlite3
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ from standardwebhooks import Webhook
 from comfywatch.testing import FakeComfyUI
 
 from .conftest import write_config
+from .helpers import comfywatch
 
 HEADER_VALUE = "Bearer SECRET-HEADER-VALUE"
 ENV_KEY = b"comfywatch-logs-env-key-0123456"
@@ -101,21 +99,6 @@ async def guarded() -> AsyncIterator[FakeComfyUI]:
         yield server
     finally:
         await server.stop()
-
-
-async def comfywatch(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "comfywatch",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:

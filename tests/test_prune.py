@@ -10,7 +10,6 @@ import asyncio
 import inspect
 import json
 import sqlite3
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from comfywatch.store import Change, DeliveryState, JobFilter, NewJob, Store
 from comfywatch.testing import FakeComfyUI
 
 from .conftest import Clock, jobs_toml, write_config
+from .helpers import comfywatch
 
 FIXTURES = Path(__file__).parent / "fixtures"  # recorded ComfyUI answers
 DAY_S = 86400.0
@@ -116,20 +116,6 @@ def snapshot(db: Path) -> Snapshot:
 def prompts(snap: Snapshot) -> dict[object, str]:
     """Job id -> prompt id."""
     return {row["id"]: str(row["prompt_id"]) for row in snap["jobs"]}
-
-
-async def comfywatch(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "comfywatch",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def built_database(tmp_path: Path, now_s: float, **daemon: object) -> Path:

@@ -25,6 +25,7 @@ from comfywatch.testing import FakeComfyUI
 from comfywatch.web import start_http
 
 from .conftest import write_config
+from .helpers import comfywatch
 
 WAIT_S = 20.0
 MakeDaemon = Callable[[Path], Awaitable[Daemon]]
@@ -36,21 +37,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
-
-
-async def comfywatch(*args: str) -> tuple[int, str, str]:
-    """Run ``python -m comfywatch ARGS`` to the end, without blocking this event loop."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "comfywatch",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def get(url: str) -> tuple[int, str, str]:
