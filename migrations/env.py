@@ -14,7 +14,7 @@ import os
 from alembic import context
 from sqlalchemy import Connection, create_engine
 
-from comfywatch.models import Base
+from comfywatch.store.models import Base, render_type
 
 config = context.config
 target_metadata = Base.metadata
@@ -26,6 +26,7 @@ def _configure(connection: Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        render_item=render_type,
     )
     with context.begin_transaction():
         context.run_migrations()

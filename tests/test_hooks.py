@@ -31,13 +31,12 @@ from comfywatch.hooks import (
     RESPONSE_EXCERPT_BYTES,
     AttemptResult,
     HookDispatcher,
-    decide,
+    next_attempt,
     sign,
 )
 from comfywatch.metrics import Metrics
-from comfywatch.models import HookDelivery
 from comfywatch.states import JobState, Reason
-from comfywatch.store import Change, DeliveryState, NewJob, Store
+from comfywatch.store import Change, DeliveryRow, DeliveryState, NewJob, Store
 
 from .conftest import Clock
 
@@ -217,7 +216,7 @@ async def finished_job(
     return job.id
 
 
-async def only_delivery(store: Store) -> HookDelivery:
+async def only_delivery(store: Store) -> DeliveryRow:
     rows = await store.deliveries()
     assert len(rows) == 1
     return rows[0][0]
@@ -278,16 +277,20 @@ async def wait_process_gone(pid: int) -> None:
         (AttemptResult(ok=False, status_code=410, final=True), 1, DeliveryState.DEAD, None),
     ],
 )
-def test_decide(result: AttemptResult, attempt: int, state: str, next_at: float | None) -> None:
+def test_next_attempt(
+    result: AttemptResult, attempt: int, state: DeliveryState, next_at: float | None
+) -> None:
     """Attempt n failing waits schedule[n-1]; past the schedule, or on a final error, dead."""
-    verdict = decide(result, attempt=attempt, schedule_s=(10.0, 20.0), now_s=1000.0)
-    assert verdict.state == state
+    verdict = next_attempt(result, attempt=attempt, schedule_s=(10.0, 20.0), now_s=1000.0)
+    assert verdict.state is state
     assert verdict.next_attempt_s == next_at
 
 
-def test_decide_applies_jitter() -> None:
+def test_next_attempt_applies_jitter() -> None:
     """The jitter factor scales the scheduled delay."""
-    verdict = decide(AttemptResult(ok=False), attempt=1, schedule_s=(100.0,), now_s=0.0, jitter=1.1)
+    verdict = next_attempt(
+        AttemptResult(ok=False), attempt=1, schedule_s=(100.0,), now_s=0.0, jitter=1.1
+    )
     assert verdict.next_attempt_s == pytest.approx(110.0)
 
 

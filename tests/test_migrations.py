@@ -11,8 +11,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, inspect
 
-from comfywatch.models import Base
 from comfywatch.store import Store
+from comfywatch.store.models import Base
 
 
 def _diff(conn: Connection) -> list[Any]:

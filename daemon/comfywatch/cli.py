@@ -17,8 +17,8 @@ from comfywatch import __version__
 from comfywatch.config import Settings, default_config_path, load_settings, url_origin
 from comfywatch.errors import ConfigError, StoreError
 from comfywatch.logs import configure_logging
-from comfywatch.states import JobState
-from comfywatch.store import DeliveryState, JobFilter, Store
+from comfywatch.states import DeliveryState, JobState
+from comfywatch.store import JobFilter, Store
 from comfywatch.views import delivery_json, iso, job_json
 
 EX_OK = 0
@@ -100,9 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     hooks = sub.add_parser("hooks", parents=[common], help="list or retry hook deliveries")
     hooks_sub = hooks.add_subparsers(dest="hooks_command", metavar="ACTION")
-    hooks.add_argument(
-        "--state", choices=[DeliveryState.PENDING, DeliveryState.DELIVERED, DeliveryState.DEAD]
-    )
+    hooks.add_argument("--state", choices=[s.value for s in DeliveryState])
     hooks.add_argument("--limit", type=int, default=None)
     hooks.add_argument("--json", action="store_true")
     retry = hooks_sub.add_parser("retry", parents=[nested], help="send dead deliveries again")
@@ -278,7 +276,7 @@ def _safe_url(url: str) -> str:
 async def _jobs(store: Store, args: argparse.Namespace) -> int:
     records = await store.jobs(
         JobFilter(
-            states=args.state or (),
+            states=[JobState(s) for s in args.state or ()],
             server=args.server,
             labels=dict(args.label),
             limit=args.limit,
@@ -291,8 +289,8 @@ async def _jobs(store: Store, args: argparse.Namespace) -> int:
         [
             r.job.server,
             r.job.prompt_id,
-            r.job.state,
-            r.job.reason or "",
+            r.job.state.value,
+            r.job.reason.value if r.job.reason is not None else "",
             iso(r.job.registered_at) or "",
             iso(r.job.finished_at) or "",
             str(len(r.outputs)),
@@ -365,8 +363,10 @@ async def _hooks(store: Store, args: argparse.Namespace) -> int:
         count = await store.revive_deliveries(args.ids, all_dead=args.all_dead, now_s=time.time())
         print(f"{count} deliver{'y' if count == 1 else 'ies'} queued again")
         return EX_OK if count or args.all_dead else EX_FAILURE
-    rows_data = await store.deliveries(states=[args.state] if args.state else (), limit=args.limit)
-    items = [delivery_json(d, j) for d, j in rows_data]
+    states = [DeliveryState(args.state)] if args.state else []
+    items = [
+        delivery_json(d, j) for d, j in await store.deliveries(states=states, limit=args.limit)
+    ]
     if args.json:
         _print_json(items)
         return EX_OK

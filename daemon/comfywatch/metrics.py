@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from comfywatch.states import DeliveryState, JobState
+
 _LAG_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -85,25 +87,25 @@ class Metrics:
     def server_up(self, server: str, up: bool) -> None:
         self.server_reachable.labels(server).set(1 if up else 0)
 
-    def job_finished(self, server: str, state: str, lag_s: float | None) -> None:
-        self.jobs_finished.labels(server, state).inc()
+    def job_finished(self, server: str, state: JobState, lag_s: float | None) -> None:
+        self.jobs_finished.labels(server, state.value).inc()
         if lag_s is not None:
             self.detection_lag.labels(server).observe(lag_s)
 
     def delivery(self, hook: str, result: str) -> None:
         self.deliveries.labels(hook, result).inc()
 
-    def set_job_counts(self, counts: Mapping[tuple[str, str], int]) -> None:
+    def set_job_counts(self, counts: Mapping[tuple[str, JobState], int]) -> None:
         self.jobs.clear()
         for (server, state), count in counts.items():
-            self.jobs.labels(server, state).set(count)
+            self.jobs.labels(server, state.value).set(count)
 
-    def set_delivery_counts(self, counts: Mapping[tuple[str, str], int]) -> None:
+    def set_delivery_counts(self, counts: Mapping[tuple[str, DeliveryState], int]) -> None:
         self.deliveries_by_state.clear()
         for (hook, state), count in counts.items():
-            self.deliveries_by_state.labels(hook, state).set(count)
+            self.deliveries_by_state.labels(hook, state.value).set(count)
 
-    def set_oldest_active(self, ages_s: Mapping[tuple[str, str], float]) -> None:
+    def set_oldest_active(self, ages_s: Mapping[tuple[str, JobState], float]) -> None:
         self.oldest_active.clear()
         for (server, state), age in ages_s.items():
-            self.oldest_active.labels(server, state).set(age)
+            self.oldest_active.labels(server, state.value).set(age)

@@ -314,7 +314,7 @@ class Poller:
             outputs=len(record.outputs) if record else 0,
         )
         if self._metrics is not None:
-            self._metrics.job_finished(job.server, decision.state.value, lag_s)
+            self._metrics.job_finished(job.server, decision.state, lag_s)
         return 1
 
     async def _poll_server(

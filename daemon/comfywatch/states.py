@@ -1,4 +1,8 @@
-"""Job states and the reasons recorded beside terminal ones (public contract)."""
+"""Job states, the reasons recorded beside terminal ones, and hook delivery states.
+
+Each is a ``StrEnum`` whose values are the lowercase words stored in the database and shown
+in JSON (public contract). Pure: no I/O, no SQLAlchemy.
+"""
 
 from __future__ import annotations
 
@@ -49,3 +53,11 @@ class Reason(StrEnum):
     NEVER_SEEN = "never_seen"
     QUEUE_TIMEOUT = "queue_timeout"
     RUN_TIMEOUT = "run_timeout"
+
+
+class DeliveryState(StrEnum):
+    """Where one ``hook_deliveries`` row is (stored in ``hook_deliveries.state``)."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"

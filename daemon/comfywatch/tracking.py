@@ -64,10 +64,6 @@ class Decision:
     last_seen_at_s: float | None = None
     absent_count: int = 0
 
-    @property
-    def terminal(self) -> bool:
-        return self.state.terminal
-
 
 def decide(job: JobView, seen: Seen, now_s: float, policy: Policy) -> Decision:
     """The job's next state. Never called for terminal jobs (terminal states never change)."""

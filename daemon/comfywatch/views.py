@@ -1,6 +1,7 @@
 """The JSON shapes of jobs and deliveries (``show --json``, ``jobs --json``, webhook data).
 
 These field names are a public contract: scripts and webhook receivers depend on them.
+They are built from the store's values, never from database rows.
 """
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from comfywatch.models import HookDelivery, Job, JobOutput
-from comfywatch.store import JobRecord
+from comfywatch.history import OutputRecord
+from comfywatch.store import DeliveryRow, JobRecord, JobRow, output_columns
 
 
 def iso(value: datetime | None) -> str | None:
@@ -19,23 +20,17 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def output_json(out: JobOutput) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "node_id": out.node_id,
-        "kind": out.kind,
-        "position": out.position,
-        "filename": out.filename,
-        "subfolder": out.subfolder,
-        "type": out.type,
-    }
-    if out.filename is None:
-        data["value"] = out.value
-    if out.extra:
-        data["extra"] = out.extra
+def output_json(out: OutputRecord) -> dict[str, Any]:
+    """An output as its stored columns, without a file's (empty) value or an empty extra."""
+    data = output_columns(out)
+    if out.is_file:
+        del data["value"]
+    if not data["extra"]:
+        del data["extra"]
     return data
 
 
-def error_json(job: Job) -> dict[str, Any] | None:
+def error_json(job: JobRow) -> dict[str, Any] | None:
     fields = (
         job.error_node_id,
         job.error_node_type,
@@ -60,8 +55,8 @@ def job_json(record: JobRecord, *, deliveries: bool = False) -> dict[str, Any]:
     data: dict[str, Any] = {
         "server": job.server,
         "prompt_id": job.prompt_id,
-        "state": job.state,
-        "reason": job.reason,
+        "state": job.state.value,
+        "reason": job.reason.value if job.reason is not None else None,
         "status_str": job.status_str,
         "completed": job.completed,
         "number": job.number,
@@ -73,8 +68,8 @@ def job_json(record: JobRecord, *, deliveries: bool = False) -> dict[str, Any]:
         "comfy_created_at_ms": job.comfy_created_at_ms,
         "comfy_started_at_ms": job.comfy_started_at_ms,
         "comfy_finished_at_ms": job.comfy_finished_at_ms,
-        "labels": dict(job.labels or {}),
-        "hooks": list(job.hooks or []),
+        "labels": dict(job.labels),
+        "hooks": list(job.hooks),
         "error": error_json(job),
         "outputs": [output_json(out) for out in record.outputs],
     }
@@ -83,16 +78,16 @@ def job_json(record: JobRecord, *, deliveries: bool = False) -> dict[str, Any]:
     return data
 
 
-def delivery_json(delivery: HookDelivery, job: Job) -> dict[str, Any]:
+def delivery_json(delivery: DeliveryRow, job: JobRow) -> dict[str, Any]:
     return {
         "id": delivery.id,
         "hook": delivery.hook,
         "server": job.server,
         "prompt_id": job.prompt_id,
-        "job_state": job.state,
+        "job_state": job.state.value,
         "event_id": delivery.event_id,
         "event_type": delivery.event_type,
-        "state": delivery.state,
+        "state": delivery.state.value,
         "attempts": delivery.attempts,
         "next_attempt_at": iso(delivery.next_attempt_at),
         "last_status_code": delivery.last_status_code,

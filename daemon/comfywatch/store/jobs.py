@@ -1,0 +1,304 @@
+"""Job queries: registration, the active set for the poller, a tick's changes, lookups.
+
+A tick's changes are recorded in one transaction together with their outputs and the hook
+deliveries they owe (the outbox), so a hook is owed exactly when its job's end is durable.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import undefer
+
+from comfywatch.history import HistoryRecord, OutputRecord
+from comfywatch.states import ACTIVE_STATES, DeliveryState, JobState
+from comfywatch.store.engine import Database
+from comfywatch.store.models import HookDelivery, Job, JobOutput
+from comfywatch.store.rows import (
+    chunks,
+    delivery_row,
+    job_row,
+    output_record,
+    utc,
+    utc_ms,
+)
+from comfywatch.store.values import (
+    ActiveJob,
+    Change,
+    DeliveryRow,
+    JobFilter,
+    JobRecord,
+    NewJob,
+    output_columns,
+)
+
+_ACTIVE = list(ACTIVE_STATES)
+
+
+class JobQueries(Database):
+    """Registering, tracking and reading jobs."""
+
+    async def register(self, jobs: Iterable[NewJob], now_s: float) -> int:
+        """Insert jobs not yet known; refresh labels and hooks of known non-terminal ones."""
+        wanted = {(j.server, j.prompt_id): j for j in jobs}
+        if not wanted:
+            return 0
+        now = utc(now_s)
+        added = 0
+        async with self._session() as session:
+            existing = await _existing_jobs(session, wanted)
+            for key, spec in wanted.items():
+                row = existing.get(key)
+                if row is None:
+                    session.add(
+                        Job(
+                            server=spec.server,
+                            prompt_id=spec.prompt_id,
+                            state=JobState.REGISTERED,
+                            labels=dict(spec.labels),
+                            hooks=list(spec.hooks),
+                            source=spec.source,
+                            registered_at=now,
+                            updated_at=now,
+                        )
+                    )
+                    added += 1
+                elif row.state in ACTIVE_STATES and (
+                    row.labels != dict(spec.labels) or row.hooks != list(spec.hooks)
+                ):
+                    row.labels = dict(spec.labels)
+                    row.hooks = list(spec.hooks)
+                    row.updated_at = now
+        return added
+
+    async def active_jobs(self) -> list[ActiveJob]:
+        async with self._session() as session:
+            rows = await session.execute(
+                select(
+                    Job.id,
+                    Job.server,
+                    Job.prompt_id,
+                    Job.state,
+                    Job.registered_at,
+                    Job.queued_at,
+                    Job.started_at,
+                    Job.hooks,
+                ).where(Job.state.in_(_ACTIVE))
+            )
+            return [
+                ActiveJob(
+                    id=r.id,
+                    server=r.server,
+                    prompt_id=r.prompt_id,
+                    state=r.state,
+                    registered_at=r.registered_at,
+                    queued_at=r.queued_at,
+                    started_at=r.started_at,
+                    hooks=tuple(str(h) for h in (r.hooks or [])),
+                )
+                for r in rows
+            ]
+
+    async def record(self, changes: Sequence[Change], now_s: float) -> list[int]:
+        """Apply one tick's changes in one transaction; returns the ids actually changed.
+
+        A job already terminal in the database is never touched again (terminal states
+        never change), so a change computed from stale data is dropped, not applied.
+        """
+        if not changes:
+            return []
+        now = utc(now_s)
+        by_id = {change.job_id: change for change in changes}
+        async with self._session() as session:
+            live = await _lock_active(session, list(by_id))
+            applied = [job_id for job_id in by_id if job_id in live]
+            if not applied:
+                return []
+            await session.execute(
+                update(Job), [{"id": i, **_job_values(by_id[i], now)} for i in applied]
+            )
+            outputs = [
+                {"job_id": i, **output_columns(out)}
+                for i in applied
+                if (history := by_id[i].history) is not None
+                for out in history.outputs
+            ]
+            if outputs:
+                await session.execute(insert(JobOutput), outputs)
+            deliveries = [
+                _new_delivery(i, by_id[i], hook, now)
+                for i in applied
+                for hook in by_id[i].deliveries
+            ]
+            if deliveries:
+                await session.execute(insert(HookDelivery), deliveries)
+        return applied
+
+    async def jobs(
+        self, flt: JobFilter, *, with_deliveries: bool = False, with_history: bool = False
+    ) -> list[JobRecord]:
+        """Jobs matching ``flt``, newest registration first, with their outputs (and their
+        deliveries and raw history entries when asked)."""
+        async with self._session() as session:
+            jobs = [
+                job_row(j, with_history=with_history)
+                for j in await session.scalars(_job_query(flt, with_history=with_history))
+            ]
+            ids = [j.id for j in jobs]
+            outputs = await _outputs(session, ids)
+            deliveries = await _deliveries(session, ids) if with_deliveries else {}
+        return [
+            JobRecord(j, tuple(outputs.get(j.id, ())), tuple(deliveries.get(j.id, ())))
+            for j in jobs
+        ]
+
+    async def job_record(self, job_id: int) -> JobRecord | None:
+        """One job with its outputs, by database id."""
+        async with self._session() as session:
+            job = await session.get(Job, job_id)
+            if job is None:
+                return None
+            outputs = await _outputs(session, [job_id])
+            return JobRecord(job_row(job), tuple(outputs.get(job_id, ())))
+
+
+def _job_query(flt: JobFilter, *, with_history: bool) -> Select[Job]:
+    query = select(Job).order_by(Job.registered_at.desc(), Job.id.desc())
+    if with_history:
+        query = query.options(undefer(Job.history))
+    if flt.states:
+        query = query.where(Job.state.in_(list(flt.states)))
+    if flt.server is not None:
+        query = query.where(Job.server == flt.server)
+    if flt.prompt_id is not None:
+        query = query.where(Job.prompt_id == flt.prompt_id)
+    for key, value in flt.labels.items():
+        query = query.where(Job.labels[key].as_string() == value)
+    if flt.limit is not None:
+        query = query.limit(flt.limit)
+    return query
+
+
+async def _existing_jobs(
+    session: AsyncSession, wanted: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], Job]:
+    """The jobs among ``wanted`` (server, prompt_id) pairs that are already registered."""
+    by_server: dict[str, list[str]] = {}
+    for server, prompt_id in wanted:
+        by_server.setdefault(server, []).append(prompt_id)
+    existing: dict[tuple[str, str], Job] = {}
+    for server, prompt_ids in by_server.items():
+        for chunk in chunks(prompt_ids):
+            rows = await session.scalars(
+                select(Job).where(Job.server == server, Job.prompt_id.in_(chunk))
+            )
+            existing.update({(r.server, r.prompt_id): r for r in rows})
+    return existing
+
+
+async def _lock_active(session: AsyncSession, ids: Sequence[int]) -> set[int]:
+    """Those of ``ids`` that are still active, locked until the transaction ends.
+
+    On SQLite the write lock is already held (``BEGIN IMMEDIATE``); elsewhere ``FOR UPDATE``
+    takes it: either way the rows found active stay active until this transaction commits.
+    """
+    live: set[int] = set()
+    for chunk in chunks(ids):
+        live.update(
+            await session.scalars(
+                select(Job.id).where(Job.id.in_(chunk), Job.state.in_(_ACTIVE)).with_for_update()
+            )
+        )
+    return live
+
+
+async def _outputs(session: AsyncSession, ids: Sequence[int]) -> dict[int, list[OutputRecord]]:
+    """The output records of each job in ``ids``, in the order they were written."""
+    outputs: dict[int, list[OutputRecord]] = {}
+    for chunk in chunks(ids):
+        for out in await session.scalars(
+            select(JobOutput)
+            .where(JobOutput.job_id.in_(chunk))
+            .order_by(JobOutput.job_id, JobOutput.id)
+        ):
+            outputs.setdefault(out.job_id, []).append(output_record(out))
+    return outputs
+
+
+async def _deliveries(session: AsyncSession, ids: Sequence[int]) -> dict[int, list[DeliveryRow]]:
+    """The hook deliveries of each job in ``ids``, oldest first."""
+    deliveries: dict[int, list[DeliveryRow]] = {}
+    for chunk in chunks(ids):
+        for dl in await session.scalars(
+            select(HookDelivery).where(HookDelivery.job_id.in_(chunk)).order_by(HookDelivery.id)
+        ):
+            deliveries.setdefault(dl.job_id, []).append(delivery_row(dl))
+    return deliveries
+
+
+def _new_delivery(job_id: int, change: Change, hook: str, now: datetime) -> dict[str, Any]:
+    """A ``hook_deliveries`` row owed for ``change``: pending, due now."""
+    return {
+        "job_id": job_id,
+        "hook": hook,
+        "event_id": f"msg_{uuid.uuid4().hex}",
+        "event_type": f"job.{change.state.value}",
+        "state": DeliveryState.PENDING,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _job_values(change: Change, now: datetime) -> dict[str, Any]:
+    """The ``jobs`` columns ``change`` sets."""
+    values: dict[str, Any] = {"state": change.state, "updated_at": now}
+    if change.queued_at_s is not None:
+        values["queued_at"] = utc(change.queued_at_s)
+    if change.started_at_s is not None:
+        values["started_at"] = utc(change.started_at_s)
+    if change.state.terminal:
+        values["reason"] = change.reason
+        values["detected_at"] = now
+        values["finished_at"] = now
+    if change.history is not None:
+        values.update(_history_values(change.history, queued_known=change.queued_at_s is not None))
+    return values
+
+
+def _history_values(record: HistoryRecord, *, queued_known: bool) -> dict[str, Any]:
+    """The ``jobs`` columns a history entry fills (its times win over our observations)."""
+    values: dict[str, Any] = {
+        "status_str": record.status_str,
+        "completed": record.completed,
+        "comfy_created_at_ms": record.created_at_ms,
+        "comfy_started_at_ms": record.started_at_ms,
+        "comfy_finished_at_ms": record.finished_at_ms,
+        "history": record.entry,
+    }
+    started = utc_ms(record.started_at_ms)
+    finished = utc_ms(record.finished_at_ms)
+    created = utc_ms(record.created_at_ms)
+    if started is not None:
+        values["started_at"] = started
+    if finished is not None:
+        values["finished_at"] = finished
+    if created is not None and not queued_known:
+        values["queued_at"] = created
+    if record.number is not None:
+        values["number"] = record.number
+    if record.error is not None:
+        values.update(
+            error_node_id=record.error.node_id,
+            error_node_type=record.error.node_type,
+            error_exception_type=record.error.exception_type,
+            error_exception_message=record.error.exception_message,
+            error_traceback=record.error.traceback,
+        )
+    return values
