@@ -1065,6 +1065,56 @@ MISTAKES = [
         "NUL",
         id="path-with-nul",
     ),
+    # Attributes the loader fills in are not keys a file may set.
+    pytest.param(
+        """
+        [servers.local]
+        url = "http://x"
+        name = "other"
+        """,
+        "servers.local.name",
+        3,
+        "unknown key",
+        id="server-name-is-not-a-key",
+    ),
+    pytest.param(
+        """
+        [hooks.w]
+        type = "webhook"
+        url = "https://e.com"
+        secret = "whsec_AAAA"
+        timeout_s = 0
+        """,
+        "hooks.w.secret",
+        4,
+        "unknown key (did you mean 'secret_env'?)",
+        id="webhook-secret-is-not-a-key",
+    ),
+    pytest.param(
+        """
+        [servers.local]
+        url = "http://x"
+
+        [[jobs]]
+        server = "local"
+        prompt_id = "a"
+        source = "elsewhere.toml"
+        """,
+        "jobs[0].source",
+        7,
+        "unknown key",
+        id="job-source-is-not-a-key",
+    ),
+    pytest.param(
+        """
+        [daemon]
+        database_url = "sqlite:///x.db"
+        """,
+        "daemon.database_url",
+        2,
+        "unknown key (did you mean 'database'?)",
+        id="database-url-is-not-a-key",
+    ),
 ]
 
 
