@@ -1,0 +1,123 @@
+"""The fake's TCP side: binding the port, the aiohttp app and its gate, going down.
+
+One :class:`Listener` is one listening period (``start()``/``come_up()`` to
+``stop()``/``go_down()``). The middleware in :func:`build_app` counts every request by
+route kind, checks the required headers, and lets an injected fault answer instead of
+the handler. Going down closes every connection at once, as a dying server would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .faults import FaultInjector, drop
+from .routes import MAX_UPLOAD_SIZE, route_kind
+
+__all__ = ["Listener", "bind", "build_app", "close", "serve_on"]
+
+log = logging.getLogger(__name__)
+
+#: Backstop for handlers that ignore the shutdown signal (they should not exist).
+_SHUTDOWN_TIMEOUT_S: Final = 2.0
+
+
+@dataclass(slots=True)
+class Listener:
+    """One listening period, from start()/come_up() to stop()/go_down()."""
+
+    runner: web.AppRunner | None = None
+    closing: bool = False
+    transports: set[asyncio.BaseTransport] = field(default_factory=set)
+
+
+def build_app(
+    listener: Listener,
+    routes: list[tuple[str, str, Handler]],
+    *,
+    requests: collections.Counter[str],
+    on_request: Callable[[], object],
+    required_headers: Mapping[str, str],
+    faults: FaultInjector,
+) -> web.Application:
+    """The aiohttp app: ``routes`` under ``/`` and ``/api``, behind the gate."""
+
+    @web.middleware
+    async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        kind = route_kind(request)
+        requests[kind] += 1
+        on_request()
+        transport = request.transport
+        if transport is not None:
+            listener.transports.add(transport)
+        try:
+            if listener.closing:
+                drop(request)
+                return web.Response(status=503)
+            if not all(request.headers.get(k) == v for k, v in required_headers.items()):
+                return web.Response(status=401, text="Unauthorized")
+            fault = faults.take(kind)
+            if fault is None:
+                return await handler(request)
+            return await faults.apply(fault, kind, request, handler, lambda: listener.closing)
+        finally:
+            if transport is not None:
+                listener.transports.discard(transport)
+
+    app = web.Application(middlewares=[gate], client_max_size=MAX_UPLOAD_SIZE)
+    for method, path, route_handler in routes:
+        for prefix in ("", "/api"):
+            app.router.add_route(method, prefix + path, route_handler)
+    return app
+
+
+async def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on ``host:port`` (SO_REUSEADDR, so a restart gets the port)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    if not infos:
+        raise OSError(f"cannot resolve {host!r}")
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_on(listener: Listener, sock: socket.socket, app: web.Application) -> None:
+    """Serve ``app`` on ``sock``; on failure the socket is closed."""
+    runner = web.AppRunner(app, shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
+    try:
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        sock.close()
+        await runner.cleanup()
+        raise
+    listener.runner = runner
+
+
+async def close(listener: Listener) -> None:
+    """Drop in-flight requests and WebSockets (a dying server sends nothing more)."""
+    listener.closing = True
+    for transport in list(listener.transports):
+        transport.close()
+    listener.transports.clear()
+    if listener.runner is not None:
+        await listener.runner.cleanup()
+    log.debug("fake ComfyUI stopped listening")
