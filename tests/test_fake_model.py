@@ -96,6 +96,8 @@ QUEUE_TABLE = [
     ("front goes first", ["put a", "front b", "start"], ["a"], "b", [], [1, 2, 2]),
     ("delete a pending one", ["put a", "put b", "delete a"], ["b"], None, [], [1, 2, 1]),
     ("delete an unknown id", ["put a", "delete x"], ["a"], None, [], [1]),
+    ("delete the only pending one: wipe, then update", ["put a", "delete a"], [], None, [], [1, 0, 0]),
+    ("delete the only pending one while one runs", ["put a", "put b", "start", "delete b"], [], "a", [], [1, 2, 2, 1, 1]),
     ("delete never hits the running one", ["put a", "start", "delete a"], [], "a", [], [1, 1]),
     ("delete the same id twice", ["put a", "put b", "delete a", "delete a"], ["b"], None, [], [1, 2, 1]),
     ("wipe the queue", ["put a", "put b", "start", "wipe"], [], "a", [], [1, 2, 2, 1]),
@@ -296,9 +298,16 @@ class PromptQueueRetold:
     def delete(self, prompt_id: str) -> None:
         matches = [item for item in self.queue if item[1] == prompt_id]
         if matches:
-            self.queue.remove(min(matches, key=lambda item: item[2]))  # earliest submitted
-            heapq.heapify(self.queue)
+            if len(self.queue) == 1:
+                self.wipe()
+            else:
+                self.queue.remove(min(matches, key=lambda item: item[2]))  # earliest submitted
+                heapq.heapify(self.queue)
             self.updates.append(self.remaining())
+
+    def wipe(self) -> None:
+        self.queue = []
+        self.updates.append(self.remaining())
 
 
 OPERATIONS = st.lists(
@@ -332,8 +341,7 @@ def test_random_operations_match_prompt_queue(
             retold.finish()
         elif verb == "wipe":
             model.wipe_pending()
-            retold.queue = []
-            retold.updates.append(retold.remaining())
+            retold.wipe()
         else:
             model.delete_pending(prompt_id)
             retold.delete(prompt_id)

@@ -632,6 +632,70 @@ async def test_ws_broadcasts_status_on_every_queue_change(
         assert fake.history_entry(kept) is not None
 
 
+async def statuses(ws: aiohttp.ClientWebSocketResponse, count: int) -> list[int]:
+    """The queue_remaining of the next ``count`` status messages (others are skipped)."""
+    found: list[int] = []
+    while len(found) < count:
+        message = await ws.receive_json()
+        if message["type"] == "status":
+            assert list(message["data"]) == ["status"], message  # only the greeting has a sid
+            found.append(int(message["data"]["status"]["exec_info"]["queue_remaining"]))
+    return found
+
+
+async def test_ws_status_is_sent_exactly_when_comfyui_sends_it(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    """Put, start, finish, delete and wipe each send one status; deleting the only pending
+    prompt sends two (ComfyUI wipes, then updates); history changes and no-ops send none."""
+    # Every action first, then the statuses they caused, in order.
+    queue, history = f"{fake.url}/queue", f"{fake.url}/history"
+    async with http.ws_connect(f"{fake.url}/ws?clientId=watcher") as ws:
+        assert await status_of(ws) == 0
+        fake.pause()
+        ids = []
+        for _ in range(3):
+            _, answer = await post_json(http, f"{fake.url}/prompt", {"prompt": default_graph()})
+            ids.append(answer["prompt_id"])  # three puts: 1, 2, 3
+        await post_json(http, queue, {"delete": [ids[1], "unknown"]})  # 2; unknown: nothing
+        await post_json(http, queue, {"clear": True})  # 0
+        await post_json(http, queue, {"clear": True})  # 0: a wipe of nothing still sends
+        only = fake.submit()  # 1
+        await post_json(http, queue, {"delete": [only]})  # the only one: 0 (wipe), 0
+        await post_json(http, history, {"clear": True})  # history changes send nothing
+        await post_json(http, history, {"delete": [only]})
+        fake.resume()  # nothing pending: nothing starts
+        kept = fake.submit(run_time_s=0)  # put 1, start 1, finish 0
+        await fake.wait_finished(kept)
+        fake.pause()
+        for _ in range(5):
+            fake.submit()  # 1..5: the end mark (the queue never held 5 before)
+        found = await statuses(ws, 1)
+        while found[-1] != 5:
+            found += await statuses(ws, 1)
+        assert found == [1, 2, 3, 2, 0, 0, 1, 0, 0, 1, 1, 0, 1, 2, 3, 4, 5]
+        assert await get_json(http, f"{fake.url}/prompt") == {"exec_info": {"queue_remaining": 5}}
+
+
+async def test_ws_status_counts_the_running_prompt(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    """queue_remaining = pending + running, the same number GET /prompt answers."""
+    async with http.ws_connect(f"{fake.url}/ws") as ws:
+        assert await status_of(ws) == 0
+        fake.hold_running()
+        first, second = fake.submit(), fake.submit()
+        await fake.wait_running(first)
+        assert await statuses(ws, 3) == [1, 2, 2]  # put, put, start
+        assert await get_json(http, f"{fake.url}/api/prompt") == {
+            "exec_info": {"queue_remaining": 2}
+        }
+        fake.interrupt(first)
+        fake.release()
+        await fake.wait_finished(second)
+        assert await statuses(ws, 3) == [1, 1, 0]  # finish, start, finish
+
+
 async def test_ws_execution_messages_reach_only_the_submitter(
     fake: FakeComfyUI, http: aiohttp.ClientSession
 ) -> None:

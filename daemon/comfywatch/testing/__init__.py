@@ -5,7 +5,10 @@ recorded answers in the ``comfyui-fixtures`` captures are the reference): the sa
 status codes, the same single-line JSON bodies and content types, ``/api`` aliases,
 ``{}`` from ``GET /history/{id}`` for anything unfinished or unknown, history entries
 built from real recorded entries, queue numbers that restart at 0 with the "process",
-and the WebSocket ``status`` broadcast on every queue change.
+and the WebSocket ``status`` broadcast exactly where ComfyUI sends it: on every put,
+start, finish, delete and wipe of the queue, with ``queue_remaining`` = pending +
+running (deleting the only pending prompt sends two, as ComfyUI's wipe-then-update
+does; history deletes send none).
 
 Prompts do not compute anything. One worker task runs them one at a time, in ``number``
 order, each for its run time, and ends it with a scripted outcome. Tests script it from

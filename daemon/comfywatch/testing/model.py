@@ -275,15 +275,20 @@ class QueueModel:
     def delete_pending(self, prompt_id: str) -> bool:
         """Remove one pending item with this id (``delete_queue_item``); never the running one.
 
-        With duplicate ids, the earliest submitted goes.
+        With duplicate ids, the earliest submitted goes. Deleting the only pending item
+        sends two ``status`` updates, as ComfyUI does (it wipes the queue, which sends one,
+        then sends its own).
         """
         seqs = self._pending_by_id.get(prompt_id)
         if not seqs:
             return False
-        seq = seqs[0]
-        del self._pending[seq]
-        self._forget_pending_id(prompt_id, seq)
-        self._compact()
+        if len(self._pending) == 1:
+            self.wipe_pending()
+        else:
+            seq = seqs[0]
+            del self._pending[seq]
+            self._forget_pending_id(prompt_id, seq)
+            self._compact()
         self._queue_updated()
         self._on_change()
         return True
