@@ -18,6 +18,7 @@ import pytest
 from comfywatch.testing import (
     COMFYUI_VERSION,
     FAULTS,
+    ROUTES,
     FakeComfyUI,
     PromptRejected,
     default_graph,
@@ -353,6 +354,44 @@ async def test_history_list_pages_like_comfyui(
     async with http.get(f"{base}?max_items=many") as response:
         assert response.status == 500
     assert await get_json(http, f"{base}/not-a-uuid") == {}
+
+
+async def test_newest_history_holds_the_prompt_a_shrinking_status_announced(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    """The cheap tracker's contract: when a status shows the queue shrank, the prompt that
+    finished is in GET /history?max_items=1 (ComfyUI stores it before the broadcast)."""
+    async with http.ws_connect(f"{fake.url}/ws") as ws:
+        assert await status_of(ws) == 0
+        for _ in range(3):
+            prompt_id = fake.submit(run_time_s=0)
+            assert await statuses(ws, 3) == [1, 1, 0]  # put, start, finish
+            newest = await get_json(http, f"{fake.url}/api/history?max_items=1")
+            assert list(newest) == [prompt_id]
+
+
+async def test_every_route_answers_under_api_and_counts_as_its_kind(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    entry = await fake.wait_finished(fake.submit())
+    image = entry["outputs"]["2"]["images"][0]
+    api = f"{fake.url}/api"
+    gets = ["/queue", "/history", "/history/x", "/prompt", "/system_stats", "/features"]
+    for path in gets:
+        await get_json(http, api + path)
+    async with http.get(f"{api}/view", params=image) as response:
+        assert response.status == 200
+    posts = {
+        "/queue": {"clear": True},
+        "/history": {"delete": ["x"]},
+        "/interrupt": {},
+        "/prompt": {"prompt": default_graph("api")},
+    }
+    for path, body in posts.items():
+        assert (await post_json(http, api + path, body))[0] == 200
+    async with http.ws_connect(f"{api}/ws") as ws:
+        assert (await ws.receive_json())["type"] == "status"
+    assert dict(fake.requests) == dict.fromkeys(ROUTES, 1)
 
 
 async def test_history_keeps_one_more_than_its_cap_like_comfyui(fake: FakeComfyUI) -> None:
