@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from comfywatch.testing import MAXIMUM_HISTORY_SIZE, Outcome, QueuedPrompt, QueueModel
+from comfywatch.testing.worker import progress_steps_due
 
 
 def prompt(
@@ -368,3 +369,23 @@ def test_many_pending_prompts_with_deletes_start_in_number_order() -> None:
         finish(model)
     assert numbers == sorted(numbers)
     assert len(numbers) == count - len(range(0, count, 3))
+
+
+# ---------------------------------------------------------------------- progress steps
+
+
+@pytest.mark.parametrize(
+    ("elapsed_s", "run_time_s", "steps", "due"),
+    [
+        (0.0, 8.0, 4, 1),  # the first step at the start
+        (1.9, 8.0, 4, 1),
+        (2.0, 8.0, 4, 2),
+        (7.9, 8.0, 4, 4),  # all sent before the end
+        (99.0, 8.0, 4, 4),
+        (0.0, 0.0, 4, 4),  # an instant run sends them all at once
+        (5.0, 8.0, 0, 0),
+        (-1.0, 8.0, 4, 0),  # a clock that went back sends nothing
+    ],
+)
+def test_progress_steps_due(elapsed_s: float, run_time_s: float, steps: int, due: int) -> None:
+    assert progress_steps_due(elapsed_s, run_time_s, steps) == due

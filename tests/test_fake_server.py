@@ -667,7 +667,11 @@ async def test_ws_broadcasts_status_on_every_queue_change(
         assert await status_of(ws) == 1  # delete
         fake.resume()
         assert await status_of(ws) == 1  # start
-        assert await status_of(ws) == 0  # finish (nothing else: not our prompt)
+        # Not our prompt: only its progress (it has no client id), then the finish.
+        for value in range(1, 5):
+            progress = {"value": value, "max": 4, "prompt_id": kept, "node": "1"}
+            assert await ws.receive_json() == {"type": "progress", "data": progress}
+        assert await status_of(ws) == 0  # finish
         assert fake.history_entry(kept) is not None
 
 
@@ -761,6 +765,7 @@ async def test_ws_execution_messages_reach_only_the_submitter(
             "status",
             "execution_start",
             "execution_cached",
+            *["progress"] * 4,
             "executing",
             "executing",
             "executed",
@@ -770,6 +775,70 @@ async def test_ws_execution_messages_reach_only_the_submitter(
         ]
         assert [await status_of(other) for _ in range(3)] == [1, 1, 0]
         assert fake.history_entry(prompt_id) is not None
+
+
+async def until_status(ws: aiohttp.ClientWebSocketResponse, remaining: int) -> list[Any]:
+    """Every message up to and including the next status with this queue_remaining."""
+    seen = []
+    while True:
+        message = await ws.receive_json()
+        seen.append(message)
+        status = message["data"].get("status") if message["type"] == "status" else None
+        if status is not None and status["exec_info"]["queue_remaining"] == remaining:
+            return seen
+
+
+def progress_of(messages: list[Any]) -> list[tuple[int, int, str, str]]:
+    return [
+        (m["data"]["value"], m["data"]["max"], m["data"]["prompt_id"], m["data"]["node"])
+        for m in messages
+        if m["type"] == "progress"
+    ]
+
+
+async def test_ws_progress_goes_to_everyone_or_to_the_submitter_only(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    """As ComfyUI: progress of a prompt without a client id reaches every socket, of one
+    with a client id only that client's socket."""
+    fake.progress_steps = 3
+    graph = {"7": {"class_type": "EmptyImage", "inputs": {}}, **default_graph()}
+    async with (
+        http.ws_connect(f"{fake.url}/ws?clientId=mine") as mine,
+        http.ws_connect(f"{fake.url}/ws") as other,
+    ):
+        await mine.receive_json()
+        await other.receive_json()
+        anyone = fake.submit(graph, run_time_s=0)
+        await fake.wait_finished(anyone)
+        expected = [(value, 3, anyone, "7") for value in (1, 2, 3)]
+        assert progress_of(await until_status(mine, 0)) == expected
+        assert progress_of(await until_status(other, 0)) == expected
+
+        ours = fake.submit(graph, run_time_s=0, extra_data={"client_id": "mine"})
+        await fake.wait_finished(ours)
+        fake.clear_queue()  # an end mark: status 0 after the prompt's own
+        assert progress_of(await until_status(mine, 0)) == [(v, 3, ours, "7") for v in (1, 2, 3)]
+        assert progress_of(await until_status(other, 0)) == []
+        assert progress_of(await until_status(other, 0)) == []
+
+
+async def test_ws_progress_stops_at_an_interrupt(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    async with http.ws_connect(f"{fake.url}/ws") as ws:
+        await ws.receive_json()
+        long_one = fake.submit(run_time_s=600)
+        seen = []
+        while not progress_of(seen):
+            seen.append(await ws.receive_json())
+        assert progress_of(seen) == [(1, 4, long_one, "1")]  # the first step, at the start
+        fake.interrupt()
+        rest = await until_status(ws, 0)
+        assert progress_of(rest) == []
+        assert [m["type"] for m in rest] == ["execution_interrupted", "status"]
+    entry = await fake.wait_finished(long_one)
+    assert entry["status"]["messages"][-1][0] == "execution_interrupted"
 
 
 # ---------------------------------------------------------------------- faults

@@ -29,9 +29,9 @@ the stored ``extra_data``, as any other key would.
 
 What a fake cannot be: nodes are not validated beyond "has a ``class_type``" and "the
 graph has an output node" (a ``class_type`` starting or ending with ``Save`` or
-``Preview``, or a node with ``"_output": true``); there are no ``progress`` /
-``progress_state`` messages, and each prompt's ``executing`` / ``executed`` messages are
-sent together when it ends.
+``Preview``, or a node with ``"_output": true``); ``progress`` comes in a few even steps
+on the graph's first node (``progress_steps``), there are no ``progress_state`` messages,
+and each prompt's ``executing`` / ``executed`` messages are sent together when it ends.
 
 The parts: ``model`` (the queue and history as a pure state machine), ``entries``
 (history entries from the recorded ones), ``prompts`` (graphs and their validation),

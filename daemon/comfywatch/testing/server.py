@@ -49,6 +49,7 @@ class FakeComfyUI:
         port: int = 0,
         run_time_s: float = 0.05,
         required_headers: Mapping[str, str] | None = None,
+        progress_steps: int = 4,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be within 0..65535, got {port}")
@@ -57,6 +58,8 @@ class FakeComfyUI:
         self._bound_port: int | None = None
         self.run_time_s = check_run_time(run_time_s)
         self._required_headers = dict(required_headers or {})
+        #: ``progress`` messages per prompt (0: none), spread over its run time.
+        self.progress_steps = progress_steps
 
         #: Requests received per route kind (see :data:`ROUTES`), kept across restarts.
         self.requests: collections.Counter[str] = collections.Counter()
@@ -77,7 +80,9 @@ class FakeComfyUI:
         self._outputs = OutputStore()
         self._faults = FaultInjector(self)
         self._sockets = Broadcaster(lambda: self._model.queue_remaining)
-        self._worker = Worker(self._model, self._outputs, self._sockets)
+        self._worker = Worker(
+            self._model, self._outputs, self._sockets, progress_steps=lambda: self.progress_steps
+        )
         self._routes = ComfyRoutes(
             self._model, self._outputs, run_time_s=lambda: self.run_time_s, argv=self._argv
         )

@@ -2,22 +2,30 @@
 
 It takes the lowest pending prompt from the model, sends ``execution_start`` and
 ``execution_cached``, waits out the prompt's run time (or an interrupt, or a release of a
-held prompt), builds its entry, sends the execution messages, and only then stores the
-entry, as ComfyUI sends them before ``task_done``. Nothing is computed.
+held prompt) while sending ``progress`` steps, builds its entry, sends the execution
+messages, and only then stores the entry, as ComfyUI sends them before ``task_done``.
+Nothing is computed.
+
+``progress`` goes where ComfyUI sends it: to the submitter's socket, or to every socket
+when the prompt has no client id. Step ``k`` of ``n`` (``value`` k, ``max`` n, on the
+graph's first node) is sent once ``(k - 1) / n`` of the run time has passed; a prompt
+that ends normally sends all ``n``, an interrupted or held one stops where it is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
+from collections.abc import Callable
 from typing import Final
 
 from .entries import OutputStore
-from .model import QueueModel
+from .model import Outcome, QueuedPrompt, QueueModel, Running
 from .sockets import Broadcaster
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "progress_steps_due"]
 
 #: How long a finishing prompt waits for its WebSocket messages to go out before its
 #: history entry is written (ComfyUI sends them first; a stuck client must not stall us).
@@ -29,13 +37,30 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def progress_steps_due(elapsed_s: float, run_time_s: float, steps: int) -> int:
+    """How many of ``steps`` progress steps are due ``elapsed_s`` into a run."""
+    if steps <= 0:
+        return 0
+    if run_time_s <= 0:
+        return steps
+    return max(0, min(steps, math.floor(elapsed_s * steps / run_time_s) + 1))
+
+
 class Worker:
     """One worker task over a model (``start()`` / ``stop()``); ``kick()`` on any change."""
 
-    def __init__(self, model: QueueModel, outputs: OutputStore, sockets: Broadcaster) -> None:
+    def __init__(
+        self,
+        model: QueueModel,
+        outputs: OutputStore,
+        sockets: Broadcaster,
+        *,
+        progress_steps: Callable[[], int] = lambda: 0,
+    ) -> None:
         self._model = model
         self._outputs = outputs
         self._sockets = sockets
+        self._progress_steps = progress_steps
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -84,8 +109,7 @@ class Worker:
         self._sockets.emit("execution_start", start, sid)
         self._sockets.emit("execution_cached", {"nodes": [], **start}, sid)
         await asyncio.sleep(0)  # let the world see it running, however short the run
-        while (outcome := self._model.due(self._now_s())) is None:
-            await self._wait(self._model.time_left_s(self._now_s()))
+        outcome = await self._run_out(running)
 
         conclusion = self._outputs.conclude(prompt, outcome, started_ms, max(now_ms(), started_ms))
         for message in conclusion.messages:
@@ -97,3 +121,38 @@ class Worker:
         self._model.finish(conclusion.entry)
         if sid is not None:
             self._sockets.emit("executing", {"node": None, "prompt_id": prompt.prompt_id}, sid)
+
+    async def _run_out(self, running: Running) -> Outcome:
+        """Wait until the running prompt is due, sending its progress steps meanwhile."""
+        prompt = running.prompt
+        steps = max(0, self._progress_steps())
+        sent = 0
+        while True:
+            now_s = self._now_s()
+            if not self._model.held and not running.interrupt_requested:
+                elapsed_s = now_s - running.started_s
+                due = progress_steps_due(elapsed_s, prompt.run_time_s, steps)
+                sent = self._send_progress(prompt, sent, due, steps)
+            if (outcome := self._model.due(now_s)) is not None:
+                break
+            await self._wait(self._next_wake_s(now_s, sent, steps))
+        if outcome != "interrupted":
+            self._send_progress(prompt, sent, steps, steps)
+        return outcome
+
+    def _next_wake_s(self, now_s: float, sent: int, steps: int) -> float | None:
+        """Seconds until the prompt is due or its next progress step, whichever is first."""
+        time_left_s = self._model.time_left_s(now_s)
+        running = self._model.running
+        if time_left_s is None or running is None or sent >= steps:
+            return time_left_s
+        next_step_s = running.started_s + running.prompt.run_time_s * sent / steps - now_s
+        return max(0.0, min(time_left_s, next_step_s))
+
+    def _send_progress(self, prompt: QueuedPrompt, sent: int, due: int, steps: int) -> int:
+        """Send steps ``sent + 1 .. due``; returns how many are sent now."""
+        node = next(iter(prompt.graph), None)
+        for value in range(sent + 1, due + 1):
+            data = {"value": value, "max": steps, "prompt_id": prompt.prompt_id, "node": node}
+            self._sockets.emit("progress", data, prompt.client_id, broadcast=True)
+        return max(sent, due)
