@@ -6,6 +6,7 @@ The reference answers in tests/fixtures/ were recorded from ComfyUI 0.3.64.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 from collections.abc import AsyncIterator
@@ -21,6 +22,8 @@ from comfywatch.testing import (
     ROUTES,
     FakeComfyUI,
     PromptRejected,
+    RouteStats,
+    ServerStats,
     default_graph,
     serve,
 )
@@ -839,6 +842,135 @@ async def test_ws_progress_stops_at_an_interrupt(
         assert [m["type"] for m in rest] == ["execution_interrupted", "status"]
     entry = await fake.wait_finished(long_one)
     assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+
+
+# ---------------------------------------------------------------------- accounting
+
+
+async def test_costs_are_counted_per_user_agent_and_route(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    fake.pause()
+    for _ in range(50):
+        fake.submit()
+    read: dict[str, int] = {}
+    for agent, paths in {"poller-a": ["/queue", "/api/queue"], "poller-b": ["/prompt"]}.items():
+        for path in paths:
+            async with http.get(fake.url + path, headers={"User-Agent": agent}) as response:
+                read[agent] = read.get(agent, 0) + len(await response.read())
+    stats = fake.stats
+    assert stats.clients() == ["poller-a", "poller-b"]
+    queue = stats.routes("poller-a")["GET /queue"]
+    assert (queue.requests, queue.response_bytes) == (2, read["poller-a"])
+    assert queue.cpu_s > 0  # two 50-prompt queues were serialised
+    assert list(stats.routes("poller-b")) == ["GET /prompt"]
+    assert stats.total("poller-b").response_bytes == read["poller-b"]
+    assert stats.total().requests == 3
+    assert stats.routes("nobody") == {}
+
+
+def test_clients_beyond_the_cap_are_counted_together() -> None:
+    stats = ServerStats(max_clients=2)
+    for client in "abcd":
+        stats.record(client, "GET /queue", response_bytes=10, cpu_s=0.5, started_s=0, finished_s=1)
+    assert stats.clients() == ["(other)", "a", "b"]
+    assert stats.total("(other)") == RouteStats(requests=2, response_bytes=20, cpu_s=1.0)
+    assert [poll.client for poll in stats.polls()] == ["a", "b", "(other)", "(other)"]
+    stats.reset()
+    assert (stats.clients(), stats.polls()) == ([], [])
+
+
+async def test_stats_route_is_outside_the_api_and_not_counted(
+    http: aiohttp.ClientSession,
+) -> None:
+    """/_fake/stats is neither counted, faulted nor behind the required headers."""
+    async with FakeComfyUI(required_headers={"Authorization": "Bearer s3cret"}) as fake:
+        fake.inject("http_500")  # every ComfyUI route
+        good = {"Authorization": "Bearer s3cret", "User-Agent": "me"}
+        async with http.get(f"{fake.url}/queue", headers=good) as response:
+            assert response.status == 500
+            size = len(await response.read())
+        for _ in range(2):
+            async with http.get(f"{fake.url}/_fake/stats") as response:
+                assert response.status == 200
+                body = await response.json()
+        assert body == fake.stats.snapshot()
+        (costs,) = body["clients"]["me"].values()
+        assert (costs["requests"], costs["response_bytes"]) == (1, size)
+        assert list(body["clients"]) == ["me"]
+        assert body["total"]["requests"] == 1
+        assert sum(fake.requests.values()) == 1
+        async with http.delete(f"{fake.url}/_fake/stats") as response:
+            assert response.status == 204
+        assert fake.stats.snapshot() == {
+            "clients": {},
+            "total": {"requests": 0, "response_bytes": 0, "cpu_s": 0.0},
+        }
+        fake.clear_faults()
+        async with http.get(f"{fake.url}/api/_fake/stats", headers=good) as response:
+            assert response.status == 404  # not a ComfyUI route
+
+
+async def test_poll_log_tells_who_polled_when_and_is_bounded(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    fake.stats.max_polls_per_client = 3
+    for agent in ("replica-1", "replica-2", "replica-1"):
+        for path in ("/queue", "/history?max_items=5"):
+            await get_json_as(http, fake.url + path, agent)
+    one = fake.stats.polls("replica-1")
+    assert [poll.route for poll in one] == ["GET /history", "GET /queue", "GET /history"]
+    assert all(poll.client == "replica-1" for poll in one)
+    assert all(poll.started_s <= poll.finished_s for poll in one)
+    everyone = fake.stats.polls()
+    assert [poll.client for poll in everyone] == ["replica-1"] + ["replica-2"] * 2 + [
+        "replica-1"
+    ] * 2
+    # These clients took turns: no two requests of different clients overlap.
+    for earlier, later in itertools.pairwise(everyone):
+        assert earlier.finished_s <= later.started_s
+    async with http.get(f"{fake.url}/_fake/polls", params={"client": "replica-2"}) as response:
+        body = await response.json()
+    assert body["clock"] == "monotonic"
+    assert [(p["client"], p["route"]) for p in body["polls"]] == [
+        ("replica-2", "GET /queue"),
+        ("replica-2", "GET /history"),
+    ]
+    assert fake.stats.total("replica-1").requests == 4  # the costs are not bounded
+
+
+async def get_json_as(http: aiohttp.ClientSession, url: str, agent: str) -> Any:
+    async with http.get(url, headers={"User-Agent": agent}) as response:
+        assert response.status == 200
+        return await response.json()
+
+
+async def test_websocket_frames_count_for_their_client(fake: FakeComfyUI) -> None:
+    """Named by User-Agent, or by clientId when there is none; frames count as bytes."""
+    received = {"watcher": 0, "anon": 0}
+    async with (
+        aiohttp.ClientSession(skip_auto_headers=["User-Agent"]) as bare,
+        bare.ws_connect(f"{fake.url}/ws", headers={"User-Agent": "watcher"}) as named,
+        bare.ws_connect(f"{fake.url}/ws?clientId=anon") as anonymous,
+    ):
+        sockets = {"watcher": named, "anon": anonymous}
+        for client, ws in sockets.items():
+            received[client] += len(await ws.receive_str())  # the greeting
+        fake.submit(run_time_s=0)  # its status and progress reach both
+        for client, ws in sockets.items():
+            while True:
+                text = await ws.receive_str()
+                received[client] += len(text)
+                message = json.loads(text)
+                if message["type"] == "status" and message["data"]["status"] == {
+                    "exec_info": {"queue_remaining": 0}
+                }:
+                    break
+    for client, size in received.items():
+        ws_costs = fake.stats.routes(client)["GET /ws"]
+        assert (ws_costs.requests, ws_costs.response_bytes) == (1, size)
+    assert size > 400  # statuses and progress, not only the greeting
+    assert fake.stats.polls() == []  # a socket is not a poll
 
 
 # ---------------------------------------------------------------------- faults

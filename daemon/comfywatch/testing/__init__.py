@@ -33,10 +33,17 @@ graph has an output node" (a ``class_type`` starting or ending with ``Save`` or
 on the graph's first node (``progress_steps``), there are no ``progress_state`` messages,
 and each prompt's ``executing`` / ``executed`` messages are sent together when it ends.
 
+For benchmarks, :attr:`FakeComfyUI.stats` (a :class:`ServerStats`, also served as JSON at
+``GET /_fake/stats``, reset by ``DELETE /_fake/stats``; the request log at ``GET
+/_fake/polls``) counts per client (``User-Agent``) and route the requests, response body
+bytes and handler CPU time, and logs when each client polled. ``/_fake/...`` is not part
+of the ComfyUI API: it is neither counted, faulted nor behind ``required_headers``.
+
 The parts: ``model`` (the queue and history as a pure state machine), ``entries``
 (history entries from the recorded ones), ``prompts`` (graphs and their validation),
-``worker``, ``sockets`` (the WebSocket broadcaster), ``routes`` (the HTTP API),
-``faults``, ``listener`` (the port and the request gate), ``server`` (the
+``worker``, ``sockets`` (the WebSocket broadcaster), ``process`` (what a restart
+forgets, and the scripting methods), ``routes`` (the HTTP API), ``faults``, ``stats``
+(costs per client), ``listener`` (the port and the request gate), ``server`` (the
 :class:`FakeComfyUI` that ties them together) and ``serve`` (``comfywatch fake-server``).
 """
 
@@ -48,6 +55,7 @@ from .prompts import PromptRejected, default_graph
 from .routes import COMFYUI_VERSION, ROUTES
 from .serve import serve
 from .server import FakeComfyUI
+from .stats import Poll, RouteStats, ServerStats
 
 __all__ = [
     "COMFYUI_VERSION",
@@ -58,10 +66,13 @@ __all__ = [
     "FakeComfyUI",
     "Fault",
     "Outcome",
+    "Poll",
     "PromptRejected",
     "QueueModel",
     "QueuedPrompt",
+    "RouteStats",
     "Running",
+    "ServerStats",
     "default_graph",
     "serve",
 ]

@@ -1,32 +1,24 @@
-"""``FakeComfyUI``: the fake server's face for tests, its life cycle and its controls.
+"""``FakeComfyUI``: the fake ComfyUI on a port, its life cycle and its faults.
 
-It wires the parts together (the pure :class:`~.model.QueueModel`, the
-:class:`~.entries.OutputStore`, the worker, the WebSocket broadcaster, the HTTP routes,
-the fault injector, the listener) and offers what a test scripts: submit, pause, hold,
-interrupt, delete, restart, go down and come up, inject faults, wait for a state.
+It puts the :class:`~.process.FakeProcess` (queue, history, worker, sockets and what
+tests script) behind a listener with the HTTP routes, the fault injector and the
+accounting, and offers what happens to a server as a whole: start, stop, restart, go
+down and come up, inject faults.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import contextlib
-import copy
 import ipaddress
-import json
 import logging
-import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from .entries import OutputStore
 from .faults import Fault, FaultInjector
 from .listener import Listener, bind, build_app, close, serve_on
-from .model import OUTCOMES, Outcome, QueuedPrompt, QueueModel
-from .prompts import check_run_time, default_graph, validate
+from .process import FakeProcess
 from .routes import ComfyRoutes, normalize_route
-from .sockets import Broadcaster
-from .worker import Worker
+from .stats import stats_routes
 
 __all__ = ["FakeComfyUI"]
 
@@ -35,7 +27,7 @@ log = logging.getLogger(__name__)
 JSON = Any
 
 
-class FakeComfyUI:
+class FakeComfyUI(FakeProcess):
     """A ComfyUI 0.3.64 look-alike served by aiohttp on a real TCP port.
 
     Every method is meant to be called from the event loop that runs the server. State
@@ -53,16 +45,11 @@ class FakeComfyUI:
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be within 0..65535, got {port}")
+        super().__init__(run_time_s=run_time_s, progress_steps=progress_steps)
         self._host = host
         self._requested_port = port
         self._bound_port: int | None = None
-        self.run_time_s = check_run_time(run_time_s)
         self._required_headers = dict(required_headers or {})
-        #: ``progress`` messages per prompt (0: none), spread over its run time.
-        self.progress_steps = progress_steps
-
-        #: Requests received per route kind (see :data:`ROUTES`), kept across restarts.
-        self.requests: collections.Counter[str] = collections.Counter()
         #: Size of the body the ``oversize`` fault sends.
         self.oversize_bytes = 80 * 1024 * 1024
         #: Send the ``oversize`` body chunked instead of with a Content-Length.
@@ -74,21 +61,11 @@ class FakeComfyUI:
         self.html_status = 200
         #: What the ``wrong_shape`` fault answers (valid JSON, not what the route returns).
         self.wrong_shape_body: JSON = ["wrong", "shape"]
-
-        self._changed = asyncio.Event()  # replaced on every change: wakes wait_*()
-        self._model = QueueModel(on_queue_updated=self._on_queue_updated, on_change=self._on_change)
-        self._outputs = OutputStore()
         self._faults = FaultInjector(self)
-        self._sockets = Broadcaster(lambda: self._model.queue_remaining)
-        self._worker = Worker(
-            self._model, self._outputs, self._sockets, progress_steps=lambda: self.progress_steps
-        )
         self._routes = ComfyRoutes(
             self._model, self._outputs, run_time_s=lambda: self.run_time_s, argv=self._argv
         )
         self._listener: Listener | None = None
-        self._process_running = False
-        self._failure: BaseException | None = None
 
     # ------------------------------------------------------------------ life cycle
 
@@ -98,20 +75,6 @@ class FakeComfyUI:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
-
-    @property
-    def model(self) -> QueueModel:
-        """The queue and history (read it; change it through the methods of the fake)."""
-        return self._model
-
-    @property
-    def max_history_size(self) -> int:
-        """History cap; like ComfyUI, the oldest entry goes when a new one finds more."""
-        return self._model.max_history_size
-
-    @max_history_size.setter
-    def max_history_size(self, value: int) -> None:
-        self._model.max_history_size = value
 
     @property
     def port(self) -> int:
@@ -180,35 +143,11 @@ class FakeComfyUI:
         await self._stop_listening()
         if forget:
             await self._stop_process()
-            self._model.restart()
-            self._outputs.restart()
+            self._forget()
 
     async def come_up(self) -> None:
         """Listen again on the same port (and start the worker if it is not running)."""
         await self.start()
-
-    def _start_process(self) -> bool:
-        if self._process_running:
-            return False
-        self._process_running = True
-        self._failure = None
-        for task in (self._worker.start(), self._sockets.start()):
-            task.add_done_callback(self._on_task_done)
-        return True
-
-    async def _stop_process(self) -> None:
-        self._process_running = False
-        await self._worker.stop()
-        await self._sockets.stop()
-
-    def _on_task_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
-        error = task.exception()
-        if error is not None:
-            log.error("fake ComfyUI task %s died", task.get_name(), exc_info=error)
-            self._failure = error
-            self._notify()
 
     async def _listen(self) -> None:
         port = self._bound_port if self._bound_port is not None else self._requested_port
@@ -223,6 +162,8 @@ class FakeComfyUI:
             on_request=self._notify,
             required_headers=self._required_headers,
             faults=self._faults,
+            stats=self.stats,
+            private_routes=stats_routes(self.stats),
         )
         await serve_on(listener, sock, app)
         self._listener = listener
@@ -242,122 +183,7 @@ class FakeComfyUI:
         port = str(self.port)
         return ["main.py", "--cpu", "--listen", self._host, "--port", port, "--disable-auto-launch"]
 
-    # ------------------------------------------------------------------ scripting
-
-    def submit(
-        self,
-        graph: Mapping[str, JSON] | None = None,
-        *,
-        prompt_id: str | None = None,
-        outcome: Outcome = "success",
-        run_time_s: float | None = None,
-        extra_data: Mapping[str, JSON] | None = None,
-    ) -> str:
-        """Queue a prompt as ``POST /prompt`` does and return its id.
-
-        ``graph`` defaults to :func:`default_graph`; ``run_time_s`` to the server's.
-        A graph without an output node raises :class:`PromptRejected` (and, as in
-        ComfyUI, still uses up a ``number``). ``extra_data["comfywatch_fake"]`` is not
-        read here: the keyword arguments script the prompt.
-        """
-        if outcome not in OUTCOMES:
-            raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
-        run_time = self.run_time_s if run_time_s is None else check_run_time(run_time_s)
-        # A JSON round trip: a private copy, with keys and values as a client would send.
-        graph_json = json.loads(json.dumps(graph if graph is not None else default_graph()))
-        extra_json = json.loads(json.dumps(extra_data if extra_data is not None else {}))
-        number = self._model.take_number()
-        new_id = prompt_id if prompt_id is not None else str(uuid.uuid4())
-        prompt = QueuedPrompt(
-            number=number,
-            prompt_id=new_id,
-            graph=graph_json,
-            extra_data=extra_json,
-            outputs_to_execute=validate(graph_json),
-            outcome=outcome,
-            run_time_s=run_time,
-        )
-        self._model.put(prompt)
-        return new_id
-
-    def pause(self) -> None:
-        """The worker starts no new prompt (a running one still runs to its end)."""
-        self._model.pause()
-
-    def resume(self) -> None:
-        """Undo :meth:`pause`."""
-        self._model.resume()
-
-    def hold_running(self) -> None:
-        """A stuck worker: the running prompt (or the next to start) never ends.
-
-        It ends only after :meth:`release` or :meth:`restart`. An interrupt that arrives
-        meanwhile takes effect at release, like ComfyUI's at the next node boundary.
-        """
-        self._model.hold()
-
-    def release(self) -> None:
-        """Undo :meth:`hold_running`; an overdue prompt ends at once."""
-        self._model.release()
-
-    def interrupt(self, prompt_id: str | None = None) -> None:
-        """``POST /interrupt``: the running prompt ends as interrupted at once.
-
-        With a ``prompt_id`` that is not the running one, nothing happens (as in
-        ComfyUI); with none and nothing running, nothing happens either.
-        """
-        self._model.request_interrupt(prompt_id)
-
-    def delete_from_queue(self, prompt_ids: str | Iterable[str]) -> int:
-        """Remove pending prompts (never the running one); they never get history.
-
-        Returns how many were removed. As in ComfyUI, each id removes one queue item.
-        """
-        return sum(self._model.delete_pending(prompt_id) for prompt_id in _ids(prompt_ids))
-
-    def clear_queue(self) -> None:
-        """Remove every pending prompt (``POST /queue {"clear": true}``)."""
-        self._model.wipe_pending()
-
-    def delete_history(self, prompt_ids: str | Iterable[str]) -> int:
-        """Forget finished entries (``POST /history {"delete": [...]}``); returns how many."""
-        return sum(self._model.delete_history(prompt_id) for prompt_id in _ids(prompt_ids))
-
-    def clear_history(self) -> None:
-        """Forget every finished entry (``POST /history {"clear": true}``)."""
-        self._model.clear_history()
-
-    def history_entry(self, prompt_id: str) -> dict[str, JSON] | None:
-        """The history entry of a finished prompt (a copy), or ``None``."""
-        return copy.deepcopy(self._model.history_entry(prompt_id))
-
-    def queue_snapshot(self) -> dict[str, list[list[JSON]]]:
-        """What ``GET /queue`` would answer now (a copy)."""
-        running = self._model.running
-        return copy.deepcopy(
-            {
-                "queue_running": [running.prompt.queue_item()] if running else [],
-                "queue_pending": [prompt.queue_item() for prompt in self._model.pending()],
-            }
-        )
-
-    async def wait_running(self, prompt_id: str, timeout_s: float = 10) -> None:
-        """Wait until the prompt runs (or has already finished)."""
-        model = self._model
-        await self._wait_for(
-            lambda: model.is_running(prompt_id) or model.history_entry(prompt_id) is not None,
-            timeout_s,
-            f"prompt {prompt_id} did not start",
-        )
-
-    async def wait_finished(self, prompt_id: str, timeout_s: float = 10) -> dict[str, JSON]:
-        """Wait for the prompt's history entry and return it (a copy)."""
-        await self._wait_for(
-            lambda: self._model.history_entry(prompt_id) is not None,
-            timeout_s,
-            f"prompt {prompt_id} did not finish",
-        )
-        return copy.deepcopy(self._model.history_entry(prompt_id) or {})
+    # ------------------------------------------------------------------ requests and faults
 
     async def wait_requests(self, route: str, count: int = 1, timeout_s: float = 10) -> None:
         """Wait until ``requests[route]`` reaches ``count`` (counted when a request arrives)."""
@@ -381,33 +207,3 @@ class FakeComfyUI:
     def clear_faults(self) -> None:
         """Remove every injected fault; hanging and dripping requests answer normally."""
         self._faults.clear()
-
-    # ------------------------------------------------------------------ signals
-
-    def _on_queue_updated(self, queue_remaining: int) -> None:
-        """ComfyUI's ``queue_updated()``: the ``status`` broadcast."""
-        status = {"status": {"exec_info": {"queue_remaining": queue_remaining}}}
-        self._sockets.emit("status", status, None, broadcast=True)
-
-    def _on_change(self) -> None:
-        self._worker.kick()
-        self._notify()
-
-    def _notify(self) -> None:
-        """Wake every wait_*() to look again."""
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def _wait_for(self, predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-        try:
-            async with asyncio.timeout(timeout_s):
-                while not predicate():
-                    if self._failure is not None:
-                        raise RuntimeError("the fake ComfyUI worker died") from self._failure
-                    await self._changed.wait()
-        except TimeoutError as exc:
-            raise TimeoutError(f"{what} within {timeout_s} s") from exc
-
-
-def _ids(prompt_ids: str | Iterable[str]) -> list[str]:
-    return [prompt_ids] if isinstance(prompt_ids, str) else list(prompt_ids)

@@ -13,21 +13,40 @@ import contextlib
 import json
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+
+from .stats import client_name
 
 __all__ = ["Broadcaster"]
 
 JSON = Any
 
 
+@dataclass(frozen=True, slots=True)
+class _Socket:
+    ws: web.WebSocketResponse
+    client: str  # the accounting name (see stats.py)
+
+
+def _ignore(*_: object) -> None:
+    return None
+
+
 class Broadcaster:
     """Connected sockets by client id, and the sender task (``start()`` / ``stop()``)."""
 
-    def __init__(self, queue_remaining: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        queue_remaining: Callable[[], int],
+        on_sent: Callable[[str, int], object] = _ignore,
+    ) -> None:
+        """``on_sent(client, byte_count)`` is called for every frame that went out."""
         self._queue_remaining = queue_remaining
-        self._sockets: dict[str, web.WebSocketResponse] = {}
+        self._on_sent = on_sent
+        self._sockets: dict[str, _Socket] = {}
         self._outbox: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -70,14 +89,16 @@ class Broadcaster:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         sid = request.query.get("clientId") or uuid.uuid4().hex
-        self._sockets[sid] = ws
+        client = client_name(request)
+        self._sockets[sid] = _Socket(ws, client)
         status = {"status": {"exec_info": {"queue_remaining": self._queue_remaining()}}}
         hello = json.dumps({"type": "status", "data": {**status, "sid": sid}})
         with contextlib.suppress(ConnectionError):
             await ws.send_str(hello)
+            self._on_sent(client, len(hello))
             async for _message in ws:
                 pass  # ComfyUI reads only feature flags from clients
-        if self._sockets.get(sid) is ws:
+        if (current := self._sockets.get(sid)) is not None and current.ws is ws:
             del self._sockets[sid]
         return ws
 
@@ -90,9 +111,10 @@ class Broadcaster:
                 else:
                     target = self._sockets.get(sid)
                     targets = [target] if target is not None else []
-                for ws in targets:
-                    if not ws.closed:
+                for socket in targets:
+                    if not socket.ws.closed:
                         with contextlib.suppress(ConnectionError):  # it is going away
-                            await ws.send_str(text)
+                            await socket.ws.send_str(text)
+                            self._on_sent(socket.client, len(text))
             finally:
                 self._outbox.task_done()
