@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from .faults import FAULTS, Fault
 from .model import MAXIMUM_HISTORY_SIZE, OUTCOMES, Outcome, QueuedPrompt, QueueModel, Running
-from .prompts import PromptRejected, default_graph
+from .prompts import PromptRejected, default_graph, sized_graph
 from .routes import COMFYUI_VERSION, ROUTES
 from .serve import serve
 from .server import FakeComfyUI
@@ -75,4 +75,5 @@ __all__ = [
     "ServerStats",
     "default_graph",
     "serve",
+    "sized_graph",
 ]
