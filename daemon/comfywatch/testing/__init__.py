@@ -38,6 +38,8 @@ For benchmarks, :attr:`FakeComfyUI.stats` (a :class:`ServerStats`, also served a
 /_fake/polls``) counts per client (``User-Agent``) and route the requests, response body
 bytes and handler CPU time, and logs when each client polled. ``/_fake/...`` is not part
 of the ComfyUI API: it is neither counted, faulted nor behind ``required_headers``.
+:meth:`FakeComfyUI.fill` queues many prompts sharing one graph, and :func:`sized_graph`
+makes a graph of a given JSON size.
 
 The parts: ``model`` (the queue and history as a pure state machine), ``entries``
 (history entries from the recorded ones), ``prompts`` (graphs and their validation),
