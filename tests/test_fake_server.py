@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import json
 import re
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from comfywatch.testing import (
     ServerStats,
     default_graph,
     serve,
+    sized_graph,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -971,6 +973,76 @@ async def test_websocket_frames_count_for_their_client(fake: FakeComfyUI) -> Non
         assert (ws_costs.requests, ws_costs.response_bytes) == (1, size)
     assert size > 400  # statuses and progress, not only the greeting
     assert fake.stats.polls() == []  # a socket is not a poll
+
+
+# ---------------------------------------------------------------------- scale
+
+
+def test_sized_graph_has_the_asked_json_size() -> None:
+    for size in (264, 1_000, 100_000):
+        graph = sized_graph(size, "big")
+        assert len(json.dumps(graph)) == size
+        assert [node["class_type"] for node in graph.values()] == [
+            "EmptyImage",
+            "SaveImage",
+            "PrimitiveString",
+        ]
+    with pytest.raises(ValueError, match="at least 264"):
+        sized_graph(263)
+
+
+async def test_a_sized_graph_runs_like_the_default_one(fake: FakeComfyUI) -> None:
+    graph = sized_graph(5_000, "sized")
+    entry = await fake.wait_finished(fake.submit(graph, outcome="error"))
+    assert entry["prompt"][2] == graph
+    assert entry["prompt"][4] == ["2"]
+    assert entry["status"]["messages"][-1][1]["node_id"] == "2"
+
+
+async def test_a_hundred_thousand_pending_prompts(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    """fill() shares one graph; deletes over HTTP and a wipe go through a huge heap."""
+    fake.pause()
+    ids = fake.fill(100_000, sized_graph(1_000))
+    assert len(set(ids)) == 100_000
+    assert await get_json(http, f"{fake.url}/prompt") == {"exec_info": {"queue_remaining": 100_000}}
+    doomed = ids[::100]
+    assert (await post_json(http, f"{fake.url}/queue", {"delete": doomed}))[0] == 200
+    assert fake.model.pending_count == 100_000 - len(doomed)
+    assert not any(fake.model.is_pending(prompt_id) for prompt_id in doomed)
+    fake.delete_from_queue(ids[1:50])
+    fake.resume()
+    first = await fake.wait_finished(ids[50])
+    assert first["prompt"][0] == 50  # the lowest number left ran first
+    fake.clear_queue()
+    assert fake.model.pending_count == 0
+
+
+async def test_fake_server_command_prefills_graphs_of_a_size(
+    http: aiohttp.ClientSession,
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "comfywatch", "fake-server", "--port", "0"),
+        *("--run-time", "600", "--prefill", "3", "--graph-bytes", "2000"),
+        *("--max-history", "5", "--progress-steps", "0"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    try:
+        line = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
+        assert "3 prompts queued" in line, line
+        url = line.split(" on ")[1].split()[0]
+        queue = await get_json(http, f"{url}/queue")
+        items = queue["queue_running"] + queue["queue_pending"]
+        assert sorted(item[0] for item in items) == [0, 1, 2]
+        assert all(len(json.dumps(item[2])) == 2000 for item in items)
+        stats = await get_json(http, f"{url}/_fake/stats")
+        assert stats["total"]["requests"] == 1
+    finally:
+        proc.terminate()
+        await proc.wait()
+    assert proc.returncode == 0
 
 
 # ---------------------------------------------------------------------- faults

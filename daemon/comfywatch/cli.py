@@ -46,6 +46,16 @@ def _duration_s(text: str) -> float:
     return float(match.group(1)) * unit
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def _common_options(*, default: object) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -111,11 +121,40 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--older-than", type=_duration_s, required=True, metavar="AGE")
     prune.add_argument("--dry-run", action="store_true")
 
+    _add_fake_server(sub)
+    return parser
+
+
+def _add_fake_server(sub: Any) -> None:
+    """``comfywatch fake-server`` and its options (the benchmark ones included)."""
     fake = sub.add_parser("fake-server", help="run a fake ComfyUI for trying comfywatch")
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8188)
     fake.add_argument("--run-time", type=float, default=2.0, help="seconds each prompt 'runs'")
-    return parser
+    fake.add_argument(
+        "--max-history",
+        type=_count,
+        default=10_000,
+        metavar="N",
+        help="history entries kept, as ComfyUI's MAXIMUM_HISTORY_SIZE (default 10000)",
+    )
+    fake.add_argument(
+        "--progress-steps",
+        type=_count,
+        default=4,
+        metavar="N",
+        help="'progress' WebSocket messages per prompt (default 4; 0 for none)",
+    )
+    fake.add_argument(
+        "--prefill", type=_count, default=0, metavar="N", help="queue N prompts at start"
+    )
+    fake.add_argument(
+        "--graph-bytes",
+        type=_count,
+        default=None,
+        metavar="B",
+        help="size of each prefilled prompt's graph as JSON (default: a small graph)",
+    )
 
 
 def _err(message: str) -> None:
@@ -407,7 +446,14 @@ def iso_s(ts: float) -> str:
 
 
 def _fake_server(args: argparse.Namespace) -> int:
-    from comfywatch.testing import serve
+    from comfywatch.testing import serve, sized_graph
+
+    if args.graph_bytes is not None:
+        try:
+            sized_graph(args.graph_bytes)
+        except ValueError as exc:
+            _err(f"--graph-bytes: {exc}")
+            return EX_USAGE
 
     async def main() -> None:
         import signal
@@ -416,7 +462,16 @@ def _fake_server(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(args.host, args.port, args.run_time, stop)
+        await serve(
+            args.host,
+            args.port,
+            args.run_time,
+            stop,
+            max_history_size=args.max_history,
+            progress_steps=args.progress_steps,
+            prefill=args.prefill,
+            graph_bytes=args.graph_bytes,
+        )
 
     asyncio.run(main())
     return EX_OK

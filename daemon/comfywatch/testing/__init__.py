@@ -38,6 +38,8 @@ For benchmarks, :attr:`FakeComfyUI.stats` (a :class:`ServerStats`, also served a
 /_fake/polls``) counts per client (``User-Agent``) and route the requests, response body
 bytes and handler CPU time, and logs when each client polled. ``/_fake/...`` is not part
 of the ComfyUI API: it is neither counted, faulted nor behind ``required_headers``.
+:meth:`FakeComfyUI.fill` queues many prompts sharing one graph, and :func:`sized_graph`
+makes a graph of a given JSON size.
 
 The parts: ``model`` (the queue and history as a pure state machine), ``entries``
 (history entries from the recorded ones), ``prompts`` (graphs and their validation),
@@ -51,7 +53,7 @@ from __future__ import annotations
 
 from .faults import FAULTS, Fault
 from .model import MAXIMUM_HISTORY_SIZE, OUTCOMES, Outcome, QueuedPrompt, QueueModel, Running
-from .prompts import PromptRejected, default_graph
+from .prompts import PromptRejected, default_graph, sized_graph
 from .routes import COMFYUI_VERSION, ROUTES
 from .serve import serve
 from .server import FakeComfyUI
@@ -75,4 +77,5 @@ __all__ = [
     "ServerStats",
     "default_graph",
     "serve",
+    "sized_graph",
 ]

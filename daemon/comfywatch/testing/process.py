@@ -138,6 +138,32 @@ class FakeProcess:
         self._model.put(prompt)
         return new_id
 
+    def fill(
+        self,
+        count: int,
+        graph: Mapping[str, JSON] | None = None,
+        *,
+        run_time_s: float | None = None,
+    ) -> list[str]:
+        """Queue ``count`` successful prompts of one graph and return their ids.
+
+        For large queues: the graph is validated and copied once and shared by every
+        prompt (nothing changes a queued graph), so 100,000 prompts cost one graph.
+        """
+        run_time = self.run_time_s if run_time_s is None else check_run_time(run_time_s)
+        graph_json = json.loads(json.dumps(graph if graph is not None else default_graph()))
+        outputs = validate(graph_json)
+        ids = []
+        for _ in range(count):
+            prompt_id = str(uuid.uuid4())
+            number = self._model.take_number()
+            extra: dict[str, JSON] = {}
+            self._model.put(
+                QueuedPrompt(number, prompt_id, graph_json, extra, outputs, "success", run_time)
+            )
+            ids.append(prompt_id)
+        return ids
+
     def pause(self) -> None:
         """The worker starts no new prompt (a running one still runs to its end)."""
         self._model.pause()

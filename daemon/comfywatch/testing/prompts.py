@@ -9,6 +9,7 @@ way ``POST /prompt`` does (:class:`PromptRejected`, HTTP 400). ``extra_data`` ma
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "default_graph",
     "error_body",
     "read_script",
+    "sized_graph",
     "validate",
 ]
 
@@ -48,6 +50,22 @@ def default_graph(filename_prefix: str = "ComfyUI") -> dict[str, JSON]:
             "inputs": {"images": ["1", 0], "filename_prefix": filename_prefix},
         },
     }
+
+
+def sized_graph(graph_bytes: int, filename_prefix: str = "ComfyUI") -> dict[str, JSON]:
+    """:func:`default_graph` plus a padding node, ``graph_bytes`` long as ``json.dumps`` it.
+
+    The padding is a ``PrimitiveString`` node after the others (not an output, so it
+    changes neither the outputs nor which node fails), for benchmarks of large queues.
+    ValueError when ``graph_bytes`` is below the smallest such graph.
+    """
+    graph = default_graph(filename_prefix)
+    graph["3"] = {"class_type": "PrimitiveString", "inputs": {"value": ""}}
+    padding = graph_bytes - len(json.dumps(graph))
+    if padding < 0:
+        raise ValueError(f"graph_bytes must be at least {graph_bytes - padding}, got {graph_bytes}")
+    graph["3"]["inputs"]["value"] = "x" * padding
+    return graph
 
 
 def error_body(kind: str, message: str, details: str = "") -> dict[str, JSON]:
