@@ -197,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f'[daemon]\ndatabase = "sqlite:///{db}"\n\n[servers.gpu-0]\nurl = "http://127.0.0.1:9"\n'
     )
 
+    # A database built by an older comfywatch gets this one's schema (new indexes).
+    run([*command(), "migrate", "--config", str(config)])
     show_id = prompt_id(args.jobs // 2 + 1)
     cases = [
         Case("comfywatch --version", ("--version",), 0.15, with_config=False),

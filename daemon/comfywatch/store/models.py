@@ -100,6 +100,8 @@ class Job(Base):
         Index("ix_jobs_state_server", "state", "server"),
         Index("ix_jobs_finished_at", "finished_at"),
         Index("ix_jobs_prompt_id", "prompt_id"),
+        # Listings are newest first: `comfywatch jobs --limit 20` reads 20 index entries.
+        Index("ix_jobs_registered_at_id", "registered_at", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
