@@ -1,7 +1,10 @@
 # comfywatch: the tracking daemon in a container.
 # docker build -t comfywatch .
 # docker run -v comfywatch-data:/var/lib/comfywatch -v "$PWD/config:/etc/comfywatch:ro" comfywatch
-FROM python:3.11-slim-bookworm
+# Any Debian bookworm base with python3 (3.11) and its venv module works as BASE_IMAGE:
+# .ci/image builds on one made from Debian's packages.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -20,7 +23,7 @@ WORKDIR /opt/comfywatch
 
 # Dependencies first, in their own layer: it is rebuilt only when pyproject.toml changes.
 COPY pyproject.toml ./
-RUN python -m venv /opt/venv \
+RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --upgrade pip \
     && /opt/venv/bin/python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); print('\n'.join(d['project']['dependencies']))" > /tmp/requirements.txt \
     && /opt/venv/bin/pip install -r /tmp/requirements.txt \

@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from structlog.testing import capture_logs
+
 from comfywatch.service import Daemon
 from comfywatch.store import JobFilter, JobRecord
 from comfywatch.testing import FakeComfyUI
@@ -421,3 +423,60 @@ async def test_a_hung_server_does_not_hold_the_others_back(
     finally:
         daemon.request_stop()
         assert await runner == 0
+
+
+async def test_a_restart_between_two_polls_is_seen_in_the_queue_numbers(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon, clock: Clock
+) -> None:
+    """No poll failed, but a new prompt numbered below the ones seen before shows that the
+    server restarted: the prompts it forgot are lost to the restart, not cancelled."""
+    fake.pause()
+    pids = [fake.submit() for _ in range(3)]  # numbers 0, 1, 2
+    daemon = await make_daemon(write_config(tmp_path, {"local": fake.url}, [spec(p) for p in pids]))
+    await daemon.poller.tick()
+    assert set((await states(daemon)).values()) == {"queued"}
+    await fake.restart()
+    fake.submit()  # number 0 again, from someone else
+    with capture_logs() as logs:
+        for _ in range(2):
+            clock.advance(1)
+            await daemon.poller.tick()
+    [event] = [e for e in logs if e["event"] == "server_restart_detected"]
+    assert event["evidence"] == "queue_number_reset" and event["server"] == "local"
+    for pid in pids:
+        j = (await job(daemon, pid)).job
+        assert (j.state, j.reason) == ("lost", "server_restarted")
+
+
+async def test_reload_hands_new_deadlines_and_hooks_to_the_poller(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon, clock: Clock
+) -> None:
+    """A shorter not_found_after_s ends a never-seen job at the next poll; a hook removed
+    by the reload is still owed by a tracked job that names it (and logged as not
+    configured)."""
+    hook = '[hooks.done]\ntype = "command"\nargv = ["/bin/true"]\n'
+    fake.pause()
+    never, named = uuid.uuid4().hex, fake.submit()
+    jobs = [spec(never), spec(named, hooks=["done"])]
+    config = write_config(
+        tmp_path, {"local": fake.url}, jobs, daemon={"not_found_after_s": 3600}, extra=hook
+    )
+    daemon = await make_daemon(config)
+    for _ in range(2):
+        clock.advance(120)
+        await daemon.poller.tick()
+    assert (await job(daemon, never)).job.state == "registered"  # within 3600 s
+
+    # The job that names the hook leaves the configuration with it; it is still tracked.
+    write_config(tmp_path, {"local": fake.url}, [spec(never)], daemon={"not_found_after_s": 60})
+    assert await daemon.reload(why="test") is True
+    fake.resume()
+    await fake.wait_finished(named)
+    with capture_logs() as logs:
+        await daemon.poller.tick()
+    assert (await job(daemon, never)).job.state == "not_found"
+    [record] = await daemon.store.jobs(JobFilter(prompt_id=named), with_deliveries=True)
+    assert record.job.state == "success"
+    assert [d.hook for d in record.deliveries] == ["done"]
+    [event] = [e for e in logs if e["event"] == "hook_not_configured"]
+    assert (event["hook"], event["prompt_id"]) == ("done", named)

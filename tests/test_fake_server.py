@@ -6,6 +6,7 @@ The reference answers in tests/fixtures/ were recorded from ComfyUI 0.3.64.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 from collections.abc import AsyncIterator
@@ -18,8 +19,11 @@ import pytest
 from comfywatch.testing import (
     COMFYUI_VERSION,
     FAULTS,
+    ROUTES,
     FakeComfyUI,
     PromptRejected,
+    RouteStats,
+    ServerStats,
     default_graph,
     serve,
 )
@@ -355,6 +359,44 @@ async def test_history_list_pages_like_comfyui(
     assert await get_json(http, f"{base}/not-a-uuid") == {}
 
 
+async def test_newest_history_holds_the_prompt_a_shrinking_status_announced(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    """The cheap tracker's contract: when a status shows the queue shrank, the prompt that
+    finished is in GET /history?max_items=1 (ComfyUI stores it before the broadcast)."""
+    async with http.ws_connect(f"{fake.url}/ws") as ws:
+        assert await status_of(ws) == 0
+        for _ in range(3):
+            prompt_id = fake.submit(run_time_s=0)
+            assert await statuses(ws, 3) == [1, 1, 0]  # put, start, finish
+            newest = await get_json(http, f"{fake.url}/api/history?max_items=1")
+            assert list(newest) == [prompt_id]
+
+
+async def test_every_route_answers_under_api_and_counts_as_its_kind(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    entry = await fake.wait_finished(fake.submit())
+    image = entry["outputs"]["2"]["images"][0]
+    api = f"{fake.url}/api"
+    gets = ["/queue", "/history", "/history/x", "/prompt", "/system_stats", "/features"]
+    for path in gets:
+        await get_json(http, api + path)
+    async with http.get(f"{api}/view", params=image) as response:
+        assert response.status == 200
+    posts = {
+        "/queue": {"clear": True},
+        "/history": {"delete": ["x"]},
+        "/interrupt": {},
+        "/prompt": {"prompt": default_graph("api")},
+    }
+    for path, body in posts.items():
+        assert (await post_json(http, api + path, body))[0] == 200
+    async with http.ws_connect(f"{api}/ws") as ws:
+        assert (await ws.receive_json())["type"] == "status"
+    assert dict(fake.requests) == dict.fromkeys(ROUTES, 1)
+
+
 async def test_history_keeps_one_more_than_its_cap_like_comfyui(fake: FakeComfyUI) -> None:
     fake.max_history_size = 3
     ids = [fake.submit(run_time_s=0) for _ in range(5)]
@@ -628,8 +670,76 @@ async def test_ws_broadcasts_status_on_every_queue_change(
         assert await status_of(ws) == 1  # delete
         fake.resume()
         assert await status_of(ws) == 1  # start
-        assert await status_of(ws) == 0  # finish (nothing else: not our prompt)
+        # Not our prompt: only its progress (it has no client id), then the finish.
+        for value in range(1, 5):
+            progress = {"value": value, "max": 4, "prompt_id": kept, "node": "1"}
+            assert await ws.receive_json() == {"type": "progress", "data": progress}
+        assert await status_of(ws) == 0  # finish
         assert fake.history_entry(kept) is not None
+
+
+async def statuses(ws: aiohttp.ClientWebSocketResponse, count: int) -> list[int]:
+    """The queue_remaining of the next ``count`` status messages (others are skipped)."""
+    found: list[int] = []
+    while len(found) < count:
+        message = await ws.receive_json()
+        if message["type"] == "status":
+            assert list(message["data"]) == ["status"], message  # only the greeting has a sid
+            found.append(int(message["data"]["status"]["exec_info"]["queue_remaining"]))
+    return found
+
+
+async def test_ws_status_is_sent_exactly_when_comfyui_sends_it(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    """Put, start, finish, delete and wipe each send one status; deleting the only pending
+    prompt sends two (ComfyUI wipes, then updates); history changes and no-ops send none."""
+    # Every action first, then the statuses they caused, in order.
+    queue, history = f"{fake.url}/queue", f"{fake.url}/history"
+    async with http.ws_connect(f"{fake.url}/ws?clientId=watcher") as ws:
+        assert await status_of(ws) == 0
+        fake.pause()
+        ids = []
+        for _ in range(3):
+            _, answer = await post_json(http, f"{fake.url}/prompt", {"prompt": default_graph()})
+            ids.append(answer["prompt_id"])  # three puts: 1, 2, 3
+        await post_json(http, queue, {"delete": [ids[1], "unknown"]})  # 2; unknown: nothing
+        await post_json(http, queue, {"clear": True})  # 0
+        await post_json(http, queue, {"clear": True})  # 0: a wipe of nothing still sends
+        only = fake.submit()  # 1
+        await post_json(http, queue, {"delete": [only]})  # the only one: 0 (wipe), 0
+        await post_json(http, history, {"clear": True})  # history changes send nothing
+        await post_json(http, history, {"delete": [only]})
+        fake.resume()  # nothing pending: nothing starts
+        kept = fake.submit(run_time_s=0)  # put 1, start 1, finish 0
+        await fake.wait_finished(kept)
+        fake.pause()
+        for _ in range(5):
+            fake.submit()  # 1..5: the end mark (the queue never held 5 before)
+        found = await statuses(ws, 1)
+        while found[-1] != 5:
+            found += await statuses(ws, 1)
+        assert found == [1, 2, 3, 2, 0, 0, 1, 0, 0, 1, 1, 0, 1, 2, 3, 4, 5]
+        assert await get_json(http, f"{fake.url}/prompt") == {"exec_info": {"queue_remaining": 5}}
+
+
+async def test_ws_status_counts_the_running_prompt(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    """queue_remaining = pending + running, the same number GET /prompt answers."""
+    async with http.ws_connect(f"{fake.url}/ws") as ws:
+        assert await status_of(ws) == 0
+        fake.hold_running()
+        first, second = fake.submit(), fake.submit()
+        await fake.wait_running(first)
+        assert await statuses(ws, 3) == [1, 2, 2]  # put, put, start
+        assert await get_json(http, f"{fake.url}/api/prompt") == {
+            "exec_info": {"queue_remaining": 2}
+        }
+        fake.interrupt(first)
+        fake.release()
+        await fake.wait_finished(second)
+        assert await statuses(ws, 3) == [1, 1, 0]  # finish, start, finish
 
 
 async def test_ws_execution_messages_reach_only_the_submitter(
@@ -658,6 +768,7 @@ async def test_ws_execution_messages_reach_only_the_submitter(
             "status",
             "execution_start",
             "execution_cached",
+            *["progress"] * 4,
             "executing",
             "executing",
             "executed",
@@ -667,6 +778,199 @@ async def test_ws_execution_messages_reach_only_the_submitter(
         ]
         assert [await status_of(other) for _ in range(3)] == [1, 1, 0]
         assert fake.history_entry(prompt_id) is not None
+
+
+async def until_status(ws: aiohttp.ClientWebSocketResponse, remaining: int) -> list[Any]:
+    """Every message up to and including the next status with this queue_remaining."""
+    seen = []
+    while True:
+        message = await ws.receive_json()
+        seen.append(message)
+        status = message["data"].get("status") if message["type"] == "status" else None
+        if status is not None and status["exec_info"]["queue_remaining"] == remaining:
+            return seen
+
+
+def progress_of(messages: list[Any]) -> list[tuple[int, int, str, str]]:
+    return [
+        (m["data"]["value"], m["data"]["max"], m["data"]["prompt_id"], m["data"]["node"])
+        for m in messages
+        if m["type"] == "progress"
+    ]
+
+
+async def test_ws_progress_goes_to_everyone_or_to_the_submitter_only(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    """As ComfyUI: progress of a prompt without a client id reaches every socket, of one
+    with a client id only that client's socket."""
+    fake.progress_steps = 3
+    graph = {"7": {"class_type": "EmptyImage", "inputs": {}}, **default_graph()}
+    async with (
+        http.ws_connect(f"{fake.url}/ws?clientId=mine") as mine,
+        http.ws_connect(f"{fake.url}/ws") as other,
+    ):
+        await mine.receive_json()
+        await other.receive_json()
+        anyone = fake.submit(graph, run_time_s=0)
+        await fake.wait_finished(anyone)
+        expected = [(value, 3, anyone, "7") for value in (1, 2, 3)]
+        assert progress_of(await until_status(mine, 0)) == expected
+        assert progress_of(await until_status(other, 0)) == expected
+
+        ours = fake.submit(graph, run_time_s=0, extra_data={"client_id": "mine"})
+        await fake.wait_finished(ours)
+        fake.clear_queue()  # an end mark: status 0 after the prompt's own
+        assert progress_of(await until_status(mine, 0)) == [(v, 3, ours, "7") for v in (1, 2, 3)]
+        assert progress_of(await until_status(other, 0)) == []
+        assert progress_of(await until_status(other, 0)) == []
+
+
+async def test_ws_progress_stops_at_an_interrupt(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    async with http.ws_connect(f"{fake.url}/ws") as ws:
+        await ws.receive_json()
+        long_one = fake.submit(run_time_s=600)
+        seen = []
+        while not progress_of(seen):
+            seen.append(await ws.receive_json())
+        assert progress_of(seen) == [(1, 4, long_one, "1")]  # the first step, at the start
+        fake.interrupt()
+        rest = await until_status(ws, 0)
+        assert progress_of(rest) == []
+        assert [m["type"] for m in rest] == ["execution_interrupted", "status"]
+    entry = await fake.wait_finished(long_one)
+    assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+
+
+# ---------------------------------------------------------------------- accounting
+
+
+async def test_costs_are_counted_per_user_agent_and_route(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    fake.pause()
+    for _ in range(50):
+        fake.submit()
+    read: dict[str, int] = {}
+    for agent, paths in {"poller-a": ["/queue", "/api/queue"], "poller-b": ["/prompt"]}.items():
+        for path in paths:
+            async with http.get(fake.url + path, headers={"User-Agent": agent}) as response:
+                read[agent] = read.get(agent, 0) + len(await response.read())
+    stats = fake.stats
+    assert stats.clients() == ["poller-a", "poller-b"]
+    queue = stats.routes("poller-a")["GET /queue"]
+    assert (queue.requests, queue.response_bytes) == (2, read["poller-a"])
+    assert queue.cpu_s > 0  # two 50-prompt queues were serialised
+    assert list(stats.routes("poller-b")) == ["GET /prompt"]
+    assert stats.total("poller-b").response_bytes == read["poller-b"]
+    assert stats.total().requests == 3
+    assert stats.routes("nobody") == {}
+
+
+def test_clients_beyond_the_cap_are_counted_together() -> None:
+    stats = ServerStats(max_clients=2)
+    for client in "abcd":
+        stats.record(client, "GET /queue", response_bytes=10, cpu_s=0.5, started_s=0, finished_s=1)
+    assert stats.clients() == ["(other)", "a", "b"]
+    assert stats.total("(other)") == RouteStats(requests=2, response_bytes=20, cpu_s=1.0)
+    assert [poll.client for poll in stats.polls()] == ["a", "b", "(other)", "(other)"]
+    stats.reset()
+    assert (stats.clients(), stats.polls()) == ([], [])
+
+
+async def test_stats_route_is_outside_the_api_and_not_counted(
+    http: aiohttp.ClientSession,
+) -> None:
+    """/_fake/stats is neither counted, faulted nor behind the required headers."""
+    async with FakeComfyUI(required_headers={"Authorization": "Bearer s3cret"}) as fake:
+        fake.inject("http_500")  # every ComfyUI route
+        good = {"Authorization": "Bearer s3cret", "User-Agent": "me"}
+        async with http.get(f"{fake.url}/queue", headers=good) as response:
+            assert response.status == 500
+            size = len(await response.read())
+        for _ in range(2):
+            async with http.get(f"{fake.url}/_fake/stats") as response:
+                assert response.status == 200
+                body = await response.json()
+        assert body == fake.stats.snapshot()
+        (costs,) = body["clients"]["me"].values()
+        assert (costs["requests"], costs["response_bytes"]) == (1, size)
+        assert list(body["clients"]) == ["me"]
+        assert body["total"]["requests"] == 1
+        assert sum(fake.requests.values()) == 1
+        async with http.delete(f"{fake.url}/_fake/stats") as response:
+            assert response.status == 204
+        assert fake.stats.snapshot() == {
+            "clients": {},
+            "total": {"requests": 0, "response_bytes": 0, "cpu_s": 0.0},
+        }
+        fake.clear_faults()
+        async with http.get(f"{fake.url}/api/_fake/stats", headers=good) as response:
+            assert response.status == 404  # not a ComfyUI route
+
+
+async def test_poll_log_tells_who_polled_when_and_is_bounded(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    fake.stats.max_polls_per_client = 3
+    for agent in ("replica-1", "replica-2", "replica-1"):
+        for path in ("/queue", "/history?max_items=5"):
+            await get_json_as(http, fake.url + path, agent)
+    one = fake.stats.polls("replica-1")
+    assert [poll.route for poll in one] == ["GET /history", "GET /queue", "GET /history"]
+    assert all(poll.client == "replica-1" for poll in one)
+    assert all(poll.started_s <= poll.finished_s for poll in one)
+    everyone = fake.stats.polls()
+    assert [poll.client for poll in everyone] == ["replica-1"] + ["replica-2"] * 2 + [
+        "replica-1"
+    ] * 2
+    # These clients took turns: no two requests of different clients overlap.
+    for earlier, later in itertools.pairwise(everyone):
+        assert earlier.finished_s <= later.started_s
+    async with http.get(f"{fake.url}/_fake/polls", params={"client": "replica-2"}) as response:
+        body = await response.json()
+    assert body["clock"] == "monotonic"
+    assert [(p["client"], p["route"]) for p in body["polls"]] == [
+        ("replica-2", "GET /queue"),
+        ("replica-2", "GET /history"),
+    ]
+    assert fake.stats.total("replica-1").requests == 4  # the costs are not bounded
+
+
+async def get_json_as(http: aiohttp.ClientSession, url: str, agent: str) -> Any:
+    async with http.get(url, headers={"User-Agent": agent}) as response:
+        assert response.status == 200
+        return await response.json()
+
+
+async def test_websocket_frames_count_for_their_client(fake: FakeComfyUI) -> None:
+    """Named by User-Agent, or by clientId when there is none; frames count as bytes."""
+    received = {"watcher": 0, "anon": 0}
+    async with (
+        aiohttp.ClientSession(skip_auto_headers=["User-Agent"]) as bare,
+        bare.ws_connect(f"{fake.url}/ws", headers={"User-Agent": "watcher"}) as named,
+        bare.ws_connect(f"{fake.url}/ws?clientId=anon") as anonymous,
+    ):
+        sockets = {"watcher": named, "anon": anonymous}
+        for client, ws in sockets.items():
+            received[client] += len(await ws.receive_str())  # the greeting
+        fake.submit(run_time_s=0)  # its status and progress reach both
+        for client, ws in sockets.items():
+            while True:
+                text = await ws.receive_str()
+                received[client] += len(text)
+                message = json.loads(text)
+                if message["type"] == "status" and message["data"]["status"] == {
+                    "exec_info": {"queue_remaining": 0}
+                }:
+                    break
+    for client, size in received.items():
+        ws_costs = fake.stats.routes(client)["GET /ws"]
+        assert (ws_costs.requests, ws_costs.response_bytes) == (1, size)
+    assert size > 400  # statuses and progress, not only the greeting
+    assert fake.stats.polls() == []  # a socket is not a poll
 
 
 # ---------------------------------------------------------------------- faults

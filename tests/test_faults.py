@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from comfywatch.server_health import backoff_s
 from comfywatch.service import Daemon
 from comfywatch.store import JobFilter
 from comfywatch.testing import FakeComfyUI
@@ -105,6 +106,21 @@ async def test_connection_refused_backs_off_exponentially(
     assert waits[-1] > waits[0]  # it backs off
     assert max(waits) <= 60  # capped
     assert (await _states(daemon))[pid] == "queued"
+
+
+@pytest.mark.parametrize(
+    ("failures", "auth", "wait_s"),
+    [
+        (1, False, 4.0),  # poll_interval_s * 2**failures
+        (2, False, 8.0),
+        (3, False, 16.0),
+        (4, False, 30.0),  # capped
+        (10**6, False, 30.0),  # a long outage: still capped, no overflow
+        (1, True, 30.0),  # refused credentials: the cap at once
+    ],
+)
+def test_backoff_doubles_up_to_the_cap(failures: int, auth: bool, wait_s: float) -> None:
+    assert backoff_s(failures, 2.0, 30.0, auth=auth) == wait_s
 
 
 async def test_auth_failure_does_not_retry_faster(

@@ -95,9 +95,10 @@ def instructions(dockerfile: str) -> list[tuple[str, str]]:
 def build(tmp_path: Path) -> Image:
     """Carry out the Dockerfile's steps under ``tmp_path``; return the result."""
     root = tmp_path / "image"
-    bin_dir = tmp_path / "host-bin"  # the image's `python` on PATH
+    bin_dir = tmp_path / "host-bin"  # the image's `python3` (and `python`) on PATH
     bin_dir.mkdir(parents=True)
-    (bin_dir / "python").symlink_to(sys.executable)
+    for name in ("python3", "python"):
+        (bin_dir / name).symlink_to(sys.executable)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env.pop("NOTIFY_SOCKET", None)
     env["PATH"] = f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}"
@@ -105,9 +106,14 @@ def build(tmp_path: Path) -> Image:
     for base in ("tmp", "opt", "etc", "var/lib"):  # what the base image has
         (root / base).mkdir(parents=True)
 
+    build_args: dict[str, str] = {}
     for keyword, args in instructions((REPO / "Dockerfile").read_text()):
-        if keyword == "FROM":
-            assert args.startswith("python:3."), args
+        if keyword == "ARG":
+            name, _, default = args.partition("=")
+            build_args[name] = default
+        elif keyword == "FROM":
+            base = re.sub(r"\$\{(\w+)\}", lambda m: build_args[m.group(1)], args)
+            assert base.startswith("python:3."), args  # what `docker build` pulls by default
         elif keyword == "ENV":
             for pair in shlex.split(args):
                 key, sep, value = pair.partition("=")

@@ -1,13 +1,13 @@
-"""The life cycle as a table: (previous state, what the server showed, now) -> decision."""
+"""The life cycle as a table: (previous state, what the server showed, now) -> decision;
+and the hooks a state change owes."""
 
 from __future__ import annotations
 
 import pytest
 
-from comfywatch.history import QueueSnapshot, parse_history_entry
-from comfywatch.poller import numbering_restarted
+from comfywatch.history import parse_history_entry
 from comfywatch.states import JobState, Reason
-from comfywatch.tracking import Decision, JobView, Policy, Seen, decide
+from comfywatch.tracking import Decision, JobView, OwedHooks, Policy, Seen, decide, owed_hooks
 
 from .helpers import only_entry
 
@@ -292,21 +292,36 @@ def test_terminal_states_never_change(state: JobState) -> None:
         decide(JobView(state, 0), Seen(history=SUCCESS), 1, POLICY)
 
 
-def _snapshot(numbers: dict[str, int]) -> QueueSnapshot:
-    return QueueSnapshot(running=frozenset(), pending=frozenset(numbers), numbers=numbers)
+# Configured hooks and the states each fires on.
+HOOK_STATES = {
+    "on_success": {S.SUCCESS},
+    "on_failure": {S.ERROR, S.LOST, S.TIMEOUT},
+    "always": set(S) - {S.REGISTERED, S.QUEUED, S.RUNNING},
+}
+
+OWED_CASES: list[tuple[str, tuple[str, ...], S, OwedHooks]] = [
+    ("a hook for this state", ("on_success",), S.SUCCESS, OwedHooks(("on_success",))),
+    ("a hook for other states", ("on_success",), S.ERROR, OwedHooks()),
+    ("no hooks named", (), S.SUCCESS, OwedHooks()),
+    ("configured but not named by the job", ("on_failure",), S.SUCCESS, OwedHooks()),
+    ("not terminal: nothing owed", ("always", "gone"), S.RUNNING, OwedHooks()),
+    ("registered is not terminal either", ("always",), S.REGISTERED, OwedHooks()),
+    ("unconfigured: still owed, and named", ("gone",), S.LOST, OwedHooks(("gone",), ("gone",))),
+    (
+        "the job's order, unconfigured ones among them",
+        ("always", "gone", "on_success", "on_failure", "later"),
+        S.TIMEOUT,
+        OwedHooks(("always", "gone", "on_failure", "later"), ("gone", "later")),
+    ),
+    ("every terminal state owes 'always'", ("always",), S.NOT_FOUND, OwedHooks(("always",))),
+    ("cancelled is terminal", ("always", "on_failure"), S.CANCELLED, OwedHooks(("always",))),
+]
 
 
 @pytest.mark.parametrize(
-    ("numbers", "known", "high", "restarted"),
-    [
-        ({"new": 0}, {"a", "b"}, 7, True),  # a fresh process counts from 0 again
-        ({"a": 5}, {"a", "b"}, 7, False),  # the highest one was deleted: no new prompt
-        ({"a": 5, "new": 8}, {"a"}, 7, False),  # new prompts count up
-        ({"front": -3}, {"a"}, 7, False),  # "queue front" prompts get negative numbers
-        ({"new": 0}, set(), None, False),  # nothing seen before: no evidence
-    ],
+    ("job_hooks", "state", "owed"),
+    [case[1:] for case in OWED_CASES],
+    ids=[case[0] for case in OWED_CASES],
 )
-def test_queue_numbering_restart_evidence(
-    numbers: dict[str, int], known: set[str], high: int | None, restarted: bool
-) -> None:
-    assert numbering_restarted(_snapshot(numbers), frozenset(known), high) is restarted
+def test_owed_hooks_table(job_hooks: tuple[str, ...], state: JobState, owed: OwedHooks) -> None:
+    assert owed_hooks(job_hooks, state, HOOK_STATES) == owed

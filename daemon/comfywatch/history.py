@@ -96,10 +96,6 @@ class QueueSnapshot:
     #: Queue ``number`` per prompt id (restarts at 0 with the server process).
     numbers: Mapping[str, int]
 
-    @property
-    def max_number(self) -> int | None:
-        return max(self.numbers.values(), default=None)
-
 
 #: Nesting deeper than this in stored JSON is replaced by a marker.
 MAX_JSON_DEPTH = 64
@@ -212,10 +208,43 @@ def parse_history_entry(prompt_id: str, entry: JSON) -> HistoryRecord:
     status_str = _opt_str(status.get("status_str"), 64)
     completed_raw = status.get("completed")
     completed = completed_raw if isinstance(completed_raw, bool) else None
+    run = _read_messages(status.get("messages"))
+    if run.terminal is None:
+        success = status_str == "success" or (status_str is None and completed is True)
+        outcome = JobState.SUCCESS if success else JobState.ERROR
+    else:
+        outcome = run.terminal
+    number, created_at_ms = _prompt_facts(entry.get("prompt"))
+    return HistoryRecord(
+        prompt_id=prompt_id,
+        outcome=outcome,
+        status_str=status_str,
+        completed=completed,
+        number=number,
+        created_at_ms=created_at_ms,
+        started_at_ms=run.started_at_ms,
+        finished_at_ms=run.finished_at_ms,
+        error=run.error,
+        outputs=_outputs(entry.get("outputs")),
+        entry=sanitize_entry(entry),
+    )
 
-    messages = status.get("messages")
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """What an entry's status messages tell of the run."""
+
+    started_at_ms: int | None = None
+    #: From the last terminal message (``None``: there was none).
+    terminal: JobState | None = None
+    finished_at_ms: int | None = None
+    error: ErrorInfo | None = None
+
+
+def _read_messages(messages: JSON) -> _Run:
+    """The first ``execution_start`` and the last terminal message among ``messages``."""
     if not isinstance(messages, list):
-        messages = []
+        return _Run()
     started_at_ms: int | None = None
     terminal: tuple[JobState, dict[str, JSON]] | None = None
     for message in messages:
@@ -228,40 +257,25 @@ def parse_history_entry(prompt_id: str, entry: JSON) -> HistoryRecord:
             started_at_ms = _opt_int(data.get("timestamp"))
         elif isinstance(name, str) and name in _TERMINAL_MESSAGES:
             terminal = (_TERMINAL_MESSAGES[name], data)
-
-    finished_at_ms: int | None = None
-    error: ErrorInfo | None = None
-    if terminal is not None:
-        outcome, data = terminal
-        finished_at_ms = _opt_int(data.get("timestamp"))
-        if outcome is not JobState.SUCCESS:
-            error = _error_info(data)
-    elif status_str == "success" or (status_str is None and completed is True):
-        outcome = JobState.SUCCESS
-    else:
-        outcome = JobState.ERROR
-
-    prompt = entry.get("prompt")
-    number: int | None = None
-    created_at_ms: int | None = None
-    if isinstance(prompt, list) and prompt:
-        number = _opt_int(prompt[0])
-        if len(prompt) > 3 and isinstance(prompt[3], dict):
-            created_at_ms = _opt_int(prompt[3].get("create_time"))
-
-    return HistoryRecord(
-        prompt_id=prompt_id,
-        outcome=outcome,
-        status_str=status_str,
-        completed=completed,
-        number=number,
-        created_at_ms=created_at_ms,
+    if terminal is None:
+        return _Run(started_at_ms=started_at_ms)
+    outcome, data = terminal
+    return _Run(
         started_at_ms=started_at_ms,
-        finished_at_ms=finished_at_ms,
-        error=error,
-        outputs=_outputs(entry.get("outputs")),
-        entry=sanitize_entry(entry),
+        terminal=outcome,
+        finished_at_ms=_opt_int(data.get("timestamp")),
+        error=None if outcome is JobState.SUCCESS else _error_info(data),
     )
+
+
+def _prompt_facts(prompt: JSON) -> tuple[int | None, int | None]:
+    """The queue number and ``extra_data.create_time`` of an entry's ``prompt`` array."""
+    if not isinstance(prompt, list) or not prompt:
+        return None, None
+    created_at_ms: int | None = None
+    if len(prompt) > 3 and isinstance(prompt[3], dict):
+        created_at_ms = _opt_int(prompt[3].get("create_time"))
+    return _opt_int(prompt[0]), created_at_ms
 
 
 def _error_info(data: Mapping[str, JSON]) -> ErrorInfo:

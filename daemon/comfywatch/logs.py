@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal, TextIO
+from typing import TextIO
 
 import structlog
-
-LogFormat = Literal["auto", "json", "console"]
 
 
 def configure_logging(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -12,71 +12,65 @@ _LAG_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+#: Every metric's name and help text (the same order as in ``Metrics.__init__``).
+_HELP: Mapping[str, str] = {
+    "comfywatch_jobs": "Tracked jobs by server and state.",
+    "comfywatch_jobs_finished_total": (
+        "Jobs that reached a terminal state in this process, by server and state."
+    ),
+    "comfywatch_polls_total": (
+        "Server polls by server and result (ok, unavailable, auth, bad_response)."
+    ),
+    "comfywatch_poll_duration_seconds": "Time to poll one server (queue plus history fetches).",
+    "comfywatch_detection_lag_seconds": (
+        "From ComfyUI's finish timestamp to comfywatch's commit of the terminal state."
+    ),
+    "comfywatch_server_up": "1 if the last poll of the server succeeded, else 0.",
+    "comfywatch_hook_attempts_total": (
+        "Hook delivery attempts by hook and result (delivered, retry, dead)."
+    ),
+    "comfywatch_hook_deliveries": (
+        "Hook deliveries in the database by hook and state (pending, delivered, dead)."
+    ),
+    "comfywatch_oldest_active_job_age_seconds": (
+        "Age (since registration) of the oldest job still registered, queued or running."
+    ),
+    "comfywatch_ticks_total": "Completed polling passes.",
+    "comfywatch_last_tick_timestamp_seconds": "Unix time of the last completed polling pass.",
+}
+
+
 class Metrics:
     """Every metric comfywatch exports, in one registry of its own."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.jobs = Gauge(
-            "comfywatch_jobs", "Tracked jobs by server and state.", ["server", "state"], registry=r
+        self.jobs = self._gauge("comfywatch_jobs", "server", "state")
+        self.jobs_finished = self._counter("comfywatch_jobs_finished_total", "server", "state")
+        self.polls = self._counter("comfywatch_polls_total", "server", "result")
+        self.poll_seconds = self._histogram(
+            "comfywatch_poll_duration_seconds", _LATENCY_BUCKETS, "server"
         )
-        self.jobs_finished = Counter(
-            "comfywatch_jobs_finished_total",
-            "Jobs that reached a terminal state in this process, by server and state.",
-            ["server", "state"],
-            registry=r,
+        self.detection_lag = self._histogram(
+            "comfywatch_detection_lag_seconds", _LAG_BUCKETS, "server"
         )
-        self.polls = Counter(
-            "comfywatch_polls_total",
-            "Server polls by server and result (ok, unavailable, auth, bad_response).",
-            ["server", "result"],
-            registry=r,
+        self.server_reachable = self._gauge("comfywatch_server_up", "server")
+        self.deliveries = self._counter("comfywatch_hook_attempts_total", "hook", "result")
+        self.deliveries_by_state = self._gauge("comfywatch_hook_deliveries", "hook", "state")
+        self.oldest_active = self._gauge(
+            "comfywatch_oldest_active_job_age_seconds", "server", "state"
         )
-        self.poll_seconds = Histogram(
-            "comfywatch_poll_duration_seconds",
-            "Time to poll one server (queue plus history fetches).",
-            ["server"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.detection_lag = Histogram(
-            "comfywatch_detection_lag_seconds",
-            "From ComfyUI's finish timestamp to comfywatch's commit of the terminal state.",
-            ["server"],
-            buckets=_LAG_BUCKETS,
-            registry=r,
-        )
-        self.server_reachable = Gauge(
-            "comfywatch_server_up",
-            "1 if the last poll of the server succeeded, else 0.",
-            ["server"],
-            registry=r,
-        )
-        self.deliveries = Counter(
-            "comfywatch_hook_attempts_total",
-            "Hook delivery attempts by hook and result (delivered, retry, dead).",
-            ["hook", "result"],
-            registry=r,
-        )
-        self.deliveries_by_state = Gauge(
-            "comfywatch_hook_deliveries",
-            "Hook deliveries in the database by hook and state (pending, delivered, dead).",
-            ["hook", "state"],
-            registry=r,
-        )
-        self.oldest_active = Gauge(
-            "comfywatch_oldest_active_job_age_seconds",
-            "Age (since registration) of the oldest job still registered, queued or running.",
-            ["server", "state"],
-            registry=r,
-        )
-        self.ticks = Counter("comfywatch_ticks_total", "Completed polling passes.", registry=r)
-        self.last_tick = Gauge(
-            "comfywatch_last_tick_timestamp_seconds",
-            "Unix time of the last completed polling pass.",
-            registry=r,
-        )
+        self.ticks = self._counter("comfywatch_ticks_total")
+        self.last_tick = self._gauge("comfywatch_last_tick_timestamp_seconds")
+
+    def _counter(self, name: str, *labels: str) -> Counter:
+        return Counter(name, _HELP[name], labels, registry=self.registry)
+
+    def _gauge(self, name: str, *labels: str) -> Gauge:
+        return Gauge(name, _HELP[name], labels, registry=self.registry)
+
+    def _histogram(self, name: str, buckets: Sequence[float], *labels: str) -> Histogram:
+        return Histogram(name, _HELP[name], labels, buckets=buckets, registry=self.registry)
 
     def poll(self, server: str, result: str) -> None:
         self.polls.labels(server, result).inc()

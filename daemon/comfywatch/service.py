@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import signal
 import time
 from collections.abc import Callable
@@ -18,10 +17,12 @@ import structlog
 from comfywatch.config import Settings, config_fingerprint, load_settings
 from comfywatch.errors import ConfigError, StoreError
 from comfywatch.hooks import HookDispatcher
+from comfywatch.housekeeping import Housekeeping
 from comfywatch.metrics import Metrics
 from comfywatch.notify import SystemdNotifier
 from comfywatch.poller import Poller
-from comfywatch.store import NewJob, Store, retention_cutoff
+from comfywatch.store import NewJob, Store
+from comfywatch.watchers import QueueWatchers
 
 log = structlog.get_logger("comfywatch.service")
 
@@ -36,10 +37,6 @@ HINT_GAP_S = 0.5
 HOOK_STOP_GRACE_S = 10.0
 #: Delay before retrying a tick whose database transaction failed.
 STORE_RETRY_S = 1.0
-#: How often the database-wide counts behind the gauges are refreshed.
-STATS_EVERY_S = 10.0
-#: How often retention pruning runs when ``retention_days`` is set.
-PRUNE_EVERY_S = 3600.0
 
 
 def new_jobs(settings: Settings) -> list[NewJob]:
@@ -94,12 +91,10 @@ class Daemon:
         self._reload_event = asyncio.Event()
         self._wake = asyncio.Event()
         self._hinted: set[str] = set()
-        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._watchers = QueueWatchers(self.hint)
+        self._housekeeping = Housekeeping(store=store, metrics=self.metrics)
         # Taken before the files were read, so an edit made during a load is not missed.
         self._fingerprint = settings.fingerprint
-        self._last_prune_s = 0.0
-        self._prune_task: asyncio.Task[None] | None = None
-        self._last_stats_s = 0.0
         # Whether the last tick was recorded (so the counts in self.status are current).
         self._tick_recorded = False
         d = settings.daemon
@@ -111,6 +106,7 @@ class Daemon:
             poll_interval_s=d.poll_interval_s,
             metrics=self.metrics,
             clock=clock,
+            on_poll_done=self.hint,  # a slow server's late result: record it soon
         )
         self.dispatcher = HookDispatcher(
             store=store,
@@ -179,15 +175,19 @@ class Daemon:
             log.error("reload_failed", why=why, error=str(exc), kept="previous configuration")
             return False
         self._fingerprint = settings.fingerprint
-        await self._stop_watchers()
-        for client in self.poller.configure(servers=settings.servers, hooks=settings.hooks):
+        await self._watchers.stop()
+        stale = self.poller.apply(
+            servers=settings.servers,
+            hooks=settings.hooks,
+            not_found_after_s=settings.daemon.not_found_after_s,
+            poll_interval_s=settings.daemon.poll_interval_s,
+        )
+        for client in stale:
             await client.close()
         self.dispatcher.configure(hooks=settings.hooks)
-        self.poller.not_found_after_s = settings.daemon.not_found_after_s
-        self.poller.poll_interval_s = settings.daemon.poll_interval_s
         self.settings = settings
         if self.status.ready:
-            self._start_watchers()
+            self._watchers.start(self.poller.clients())
         self.status.servers_total = len(settings.servers)
         log.info("config_reloaded", why=why, jobs_configured=len(settings.jobs), jobs_added=added)
         return True
@@ -204,8 +204,7 @@ class Daemon:
         try:
             self.status.ready = True
             self.notifier.notify(ready=True, status=self._status_line())
-            self._start_watchers()
-            self.poller.on_poll_done = self.hint  # a slow server's late result: record it soon
+            self._watchers.start(self.poller.clients())
             next_full_s = time.monotonic()
             while not self.stop_event.is_set():
                 if self._reload_event.is_set():
@@ -232,10 +231,8 @@ class Daemon:
         finally:
             self.stop_event.set()
             self.notifier.notify(stopping=True)
-            await self._stop_watchers()
-            if self._prune_task is not None:
-                self._prune_task.cancel()  # between batches: each batch commits whole
-                await asyncio.wait({self._prune_task})
+            await self._watchers.stop()
+            await self._housekeeping.stop()
             self.dispatcher.wake()
             try:
                 await self._stop_dispatcher(dispatcher_task)
@@ -289,43 +286,20 @@ class Daemon:
         self.status.servers_up = sum(1 for h in health.values() if h.up is not False)
         self.metrics.ticks.inc()
         self.metrics.last_tick.set(now)
-        await self._housekeeping(now)
+        await self._after_tick(now)
         self.notifier.notify(watchdog=True, status=self._status_line())
         return None
 
-    async def _housekeeping(self, now: float) -> None:
+    async def _after_tick(self, now: float) -> None:
+        """Counts for STATUS= and the gauges, and pruning when it is due."""
         try:
             self.status.pending_deliveries = await self.store.pending_delivery_count()
-            if now - self._last_stats_s >= STATS_EVERY_S:
-                self._last_stats_s = now
-                stats = await self.store.stats()
-                self.metrics.set_job_counts(stats.jobs)
-                self.metrics.set_delivery_counts(stats.deliveries)
-                self.metrics.set_oldest_active(
-                    {k: now - v.timestamp() for k, v in stats.oldest_active.items()}
-                )
+            await self._housekeeping.refresh_gauges(now)
             days = self.settings.daemon.retention_days
-            if (
-                days is not None
-                and now - self._last_prune_s >= PRUNE_EVERY_S
-                and (self._prune_task is None or self._prune_task.done())
-            ):
-                self._last_prune_s = now
-                # Its own task, in small transactions: ticks go on between the batches.
-                self._prune_task = asyncio.create_task(self._prune(now, days), name="prune")
+            if days is not None:
+                self._housekeeping.prune_if_due(now, days, keep=configured(self.settings))
         except StoreError as exc:
             log.warning("housekeeping_failed", error=str(exc))
-
-    async def _prune(self, now: float, days: float) -> None:
-        try:
-            pruned = await self.store.prune(
-                retention_cutoff(now, days), dry_run=False, keep=configured(self.settings)
-            )
-        except StoreError as exc:
-            log.warning("prune_failed", error=str(exc))
-            return
-        if pruned:
-            log.info("pruned", jobs=pruned, retention_days=days)
 
     async def _all_done(self) -> bool:
         """Whether ``--until-done`` may stop; never on counts older than a failed tick, and a
@@ -372,31 +346,12 @@ class Daemon:
         self._hinted.add(server)
         self._wake.set()
 
-    def _start_watchers(self) -> None:
-        for name, client in self.poller.clients().items():
-            if client.settings.websocket:
-                self._watchers[name] = asyncio.create_task(
-                    client.watch_queue(functools.partial(self.hint, name)),
-                    name=f"watch-{name}",
-                )
-
-    async def _stop_watchers(self) -> None:
-        watchers = list(self._watchers.values())
-        self._watchers.clear()
-        for task in watchers:
-            task.cancel()
-        if watchers:
-            await asyncio.wait(watchers)
-
     def _check_background(self, dispatcher: asyncio.Task[None]) -> None:
         """A background task that died stops the daemon loudly, never half-running."""
         if dispatcher.done():
             dispatcher.result()
             raise RuntimeError("hook dispatcher stopped unexpectedly")
-        for name, task in self._watchers.items():
-            if task.done():
-                task.result()
-                raise RuntimeError(f"websocket watcher for {name} stopped unexpectedly")
+        self._watchers.check()
 
     def _status_line(self) -> str:
         s = self.status

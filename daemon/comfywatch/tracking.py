@@ -1,11 +1,13 @@
 """Decide a job's next state from what its server showed (pure: no I/O, no clock).
 
 ``decide(job, seen, now, policy)`` is the whole life cycle of DESIGN.md in one function;
-the poller only gathers the observation and carries the decision out.
+``owed_hooks(hooks, state, hook_states)`` says which hooks a state change owes. The poller
+only gathers the observation and carries the decision out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from comfywatch.history import HistoryRecord
@@ -69,7 +71,6 @@ def decide(job: JobView, seen: Seen, now_s: float, policy: Policy) -> Decision:
     """The job's next state. Never called for terminal jobs (terminal states never change)."""
     if job.state.terminal:
         raise ValueError(f"decide() called for a terminal job in state {job.state}")
-
     if seen.history is not None:
         return Decision(
             state=seen.history.outcome,
@@ -79,26 +80,36 @@ def decide(job: JobView, seen: Seen, now_s: float, policy: Policy) -> Decision:
             started_at_s=job.started_at_s,
             last_seen_at_s=job.last_seen_at_s,
         )
-
     if seen.unreadable:
         return _deadline_only(job, now_s, policy)
-
     if seen.running:
-        started = job.started_at_s if job.state is JobState.RUNNING else None
-        started = started if started is not None else now_s
-        queued = job.queued_at_s if job.queued_at_s is not None else now_s
-        if policy.run_timeout_s is not None and now_s - started >= policy.run_timeout_s:
-            return Decision(JobState.TIMEOUT, Reason.RUN_TIMEOUT, None, queued, started, now_s)
-        return Decision(JobState.RUNNING, None, None, queued, started, now_s)
-
+        return _running(job, now_s, policy)
     if seen.pending:
-        queued = job.queued_at_s if job.queued_at_s is not None else now_s
-        waiting_since = min(queued, job.registered_at_s)
-        if policy.queue_timeout_s is not None and now_s - waiting_since >= policy.queue_timeout_s:
-            return Decision(JobState.TIMEOUT, Reason.QUEUE_TIMEOUT, None, queued, None, now_s)
-        return Decision(JobState.QUEUED, None, None, queued, None, now_s)
+        return _pending(job, now_s, policy)
+    return _absent(job, seen, now_s, policy)
 
-    # In neither queue nor history.
+
+def _running(job: JobView, now_s: float, policy: Policy) -> Decision:
+    """Seen running: it runs on, unless it has run past its deadline."""
+    started = job.started_at_s if job.state is JobState.RUNNING else None
+    started = started if started is not None else now_s
+    queued = job.queued_at_s if job.queued_at_s is not None else now_s
+    if policy.run_timeout_s is not None and now_s - started >= policy.run_timeout_s:
+        return Decision(JobState.TIMEOUT, Reason.RUN_TIMEOUT, None, queued, started, now_s)
+    return Decision(JobState.RUNNING, None, None, queued, started, now_s)
+
+
+def _pending(job: JobView, now_s: float, policy: Policy) -> Decision:
+    """Seen waiting in the queue: it waits on, unless it has waited past its deadline."""
+    queued = job.queued_at_s if job.queued_at_s is not None else now_s
+    waiting_since = min(queued, job.registered_at_s)
+    if policy.queue_timeout_s is not None and now_s - waiting_since >= policy.queue_timeout_s:
+        return Decision(JobState.TIMEOUT, Reason.QUEUE_TIMEOUT, None, queued, None, now_s)
+    return Decision(JobState.QUEUED, None, None, queued, None, now_s)
+
+
+def _absent(job: JobView, seen: Seen, now_s: float, policy: Policy) -> Decision:
+    """In neither queue nor history: gone once that was seen twice in a row."""
     absent = job.absent_count + 1
     stay = Decision(
         state=job.state,
@@ -108,31 +119,36 @@ def decide(job: JobView, seen: Seen, now_s: float, policy: Policy) -> Decision:
         absent_count=absent,
     )
     if job.state is JobState.REGISTERED:
-        if now_s - job.registered_at_s >= policy.not_found_after_s and absent >= 2:
+        past_grace = now_s - job.registered_at_s >= policy.not_found_after_s
+        if past_grace and absent >= ABSENT_CONFIRMATIONS:
             return _terminal(stay, JobState.NOT_FOUND, Reason.NEVER_SEEN)
         if policy.queue_timeout_s is not None and (
             now_s - job.registered_at_s >= policy.queue_timeout_s
         ):
             return _terminal(stay, JobState.TIMEOUT, Reason.QUEUE_TIMEOUT)
         return stay
-
     if absent < ABSENT_CONFIRMATIONS:
         return stay
-    if job.last_seen_at_s is None:
-        # Known only from the database: it left while this daemon was not watching.
-        lost_reason = Reason.LEFT_UNOBSERVED
-    elif seen.restart_suspected_at_s is not None and (
-        seen.restart_suspected_at_s > job.last_seen_at_s
-    ):
-        lost_reason = Reason.SERVER_RESTARTED
-    else:
-        lost_reason = None
+    lost_reason = _lost_unseen(job, seen)
     if job.state is JobState.RUNNING:
         return _terminal(stay, JobState.LOST, lost_reason or Reason.HISTORY_CLEARED)
     # QUEUED: it left the line without a history entry.
     if lost_reason is not None:
         return _terminal(stay, JobState.LOST, lost_reason)
     return _terminal(stay, JobState.CANCELLED, Reason.DELETED_FROM_QUEUE)
+
+
+def _lost_unseen(job: JobView, seen: Seen) -> Reason | None:
+    """Why a job that left the queue may have left unseen, or ``None`` if we were watching
+    and the server did not restart since."""
+    if job.last_seen_at_s is None:
+        # Known only from the database: it left while this daemon was not watching.
+        return Reason.LEFT_UNOBSERVED
+    if seen.restart_suspected_at_s is not None and (
+        seen.restart_suspected_at_s > job.last_seen_at_s
+    ):
+        return Reason.SERVER_RESTARTED
+    return None
 
 
 def _deadline_only(job: JobView, now_s: float, policy: Policy) -> Decision:
@@ -164,3 +180,37 @@ def _terminal(stay: Decision, state: JobState, reason: Reason) -> Decision:
         last_seen_at_s=stay.last_seen_at_s,
         absent_count=stay.absent_count,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class OwedHooks:
+    """The hook deliveries one state change owes."""
+
+    #: One delivery per name, in the job's order.
+    deliveries: tuple[str, ...] = ()
+    #: Those of ``deliveries`` whose hook is not configured (for the caller to log).
+    unconfigured: tuple[str, ...] = ()
+
+
+def owed_hooks(
+    job_hooks: Sequence[str], state: JobState, hook_states: Mapping[str, Collection[JobState]]
+) -> OwedHooks:
+    """The deliveries a job owes on reaching ``state``; ``hook_states`` maps each
+    configured hook to the states it fires on. Only terminal states owe anything.
+
+    A hook the job names that is no longer configured is still owed: the dispatcher marks
+    it dead ("hook not configured") and ``comfywatch hooks retry`` sends it once the hook
+    is back.
+    """
+    if not state.terminal:
+        return OwedHooks()
+    deliveries: list[str] = []
+    unconfigured: list[str] = []
+    for name in job_hooks:
+        fires_on = hook_states.get(name)
+        if fires_on is None:
+            unconfigured.append(name)
+            deliveries.append(name)
+        elif state in fires_on:
+            deliveries.append(name)
+    return OwedHooks(tuple(deliveries), tuple(unconfigured))

@@ -38,11 +38,13 @@ async def _migrate(settings: Settings) -> int:
 
 
 def check_config(args: argparse.Namespace) -> int:
+    from comfywatch.store.drivers import display_url
+
     settings = settings_of(args)
     configure_logging(args, settings)
     d = settings.daemon
     print(f"config: {settings.path}")
-    print(f"database: {_safe_url(d.database_url)}")
+    print(f"database: {display_url(d.database_url)}")
     print(f"poll interval: {d.poll_interval_s}s, not found after: {d.not_found_after_s}s")
     print(f"jobs dir: {d.jobs_dir or '(none)'}")
     print(f"servers ({len(settings.servers)}):")
@@ -62,9 +64,3 @@ def check_config(args: argparse.Namespace) -> int:
     ]
     table(["SERVER", "PROMPT_ID", "LABELS", "HOOKS", "SOURCE"], rows, indent="  ")
     return EX_OK
-
-
-def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)

@@ -31,6 +31,11 @@ def async_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+def display_url(url: str) -> str:
+    """A configured URL fit to show: its password hidden."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 

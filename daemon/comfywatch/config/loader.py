@@ -1,0 +1,330 @@
+"""Loading: the main config file and its job drop-ins to one frozen :class:`Settings`.
+
+``load_settings(path)`` reads the main file, validates each table as its settings model,
+then resolves what depends on the file's place and the environment: relative paths
+against the file's folder, webhook secrets, commands on ``PATH``, hook and server names,
+``[daemon]`` defaults for servers and jobs. It then reads the ``jobs_dir`` drop-ins (see
+:mod:`comfywatch.config.dropins`). Every problem is a ConfigError naming file, key and line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from comfywatch.config.document import (
+    Document,
+    check_top_level,
+    os_reason,
+    read_document,
+    toml_type,
+    validate_table,
+)
+from comfywatch.config.dropins import list_drop_ins, read_drop_in
+from comfywatch.config.fingerprint import StatKey, listing_key, stat_key
+from comfywatch.config.keylines import KeyPath, format_key
+from comfywatch.config.schema import suggest
+from comfywatch.config.secrets import secret_from_env, secret_from_file
+from comfywatch.config.settings import (
+    CommandHookSettings,
+    DaemonSettings,
+    HookSettings,
+    JobSpec,
+    ServerSettings,
+    Settings,
+    WebhookHookSettings,
+)
+from comfywatch.errors import ConfigError
+
+__all__ = ["CONFIG_ENV_VAR", "DEFAULT_CONFIG_PATH", "default_config_path", "load_settings"]
+
+CONFIG_ENV_VAR = "COMFYWATCH_CONFIG"
+DEFAULT_CONFIG_PATH = Path("/etc/comfywatch/comfywatch.toml")
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,255}")  # names are stored in VARCHAR(255)
+_URL_SCHEME_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)", re.DOTALL)
+_MAIN_KEYS = ("daemon", "servers", "hooks", "jobs")
+
+
+def load_settings(path: str | Path, *, env: Mapping[str, str] | None = None) -> Settings:
+    """Reads and validates the config file at ``path`` and its job drop-ins.
+
+    ``env`` (default ``os.environ``) supplies ``secret_env`` values and the ``PATH`` that
+    bare command names are looked up on. Raises ConfigError, and only ConfigError.
+    """
+    try:
+        absolute = Path(path).absolute()
+    except (OSError, ValueError):
+        raise ConfigError("cannot resolve the config file's path", file=str(path)) from None
+    return _Loader(absolute, os.environ if env is None else env).load()
+
+
+def default_config_path(env: Mapping[str, str]) -> Path:
+    """The ``--config`` default: ``$COMFYWATCH_CONFIG``, else /etc/comfywatch/comfywatch.toml."""
+    value = env.get(CONFIG_ENV_VAR, "")
+    return Path(value) if value else DEFAULT_CONFIG_PATH
+
+
+@dataclass(slots=True)
+class _Seen:
+    """Where a job was first registered, for the duplicate-job error."""
+
+    source: str
+    line: int | None
+    key: str
+
+
+class _Loader:
+    """One load: reads the files, validates them and resolves what depends on the host."""
+
+    def __init__(self, path: Path, env: Mapping[str, str]) -> None:
+        self.path = path
+        self.folder = path.parent
+        self.env = env
+
+    def load(self) -> Settings:
+        main_key = stat_key(self.path)  # the fingerprint is taken before reading
+        doc = read_document(self.path, kind="config file")
+        check_top_level(doc, _MAIN_KEYS)
+        as_written = validate_table(doc, DaemonSettings, doc.data.get("daemon", {}), ("daemon",))
+        servers = self._servers(doc, as_written)
+        hooks, secret_keys = self._hooks(doc)
+        daemon = self._daemon(doc, as_written, hooks)
+        drop_ins = None if daemon.jobs_dir is None else list_drop_ins(doc, daemon.jobs_dir)
+        listing = None if drop_ins is None else listing_key(drop_ins)
+        jobs = self._jobs(doc, daemon, servers, hooks)
+        for path in drop_ins or ():
+            jobs.extend(self._jobs(read_drop_in(path), daemon, servers, hooks))
+        self._check_unique(jobs)
+        return Settings(
+            path=self.path,
+            daemon=daemon,
+            servers=MappingProxyType(servers),
+            hooks=MappingProxyType(hooks),
+            jobs=tuple(job for job, _ in jobs),
+            fingerprint=(main_key, listing, tuple(secret_keys)),
+        )
+
+    def _resolve(self, path: str | Path) -> Path:
+        path = Path(path)
+        return path if path.is_absolute() else self.folder / path
+
+    @staticmethod
+    def _table_of_tables(doc: Document, key: str) -> dict[str, Any]:
+        tables = doc.data.get(key, {})
+        if not isinstance(tables, dict):
+            raise doc.error((key,), f"must be a table of named tables, e.g. [{key}.name]")
+        for name in tables:
+            if not _NAME_RE.fullmatch(name):
+                raise doc.error(
+                    (key, name),
+                    "names may only use letters, digits, '_', '.' and '-' (255 at most)",
+                )
+        return tables
+
+    def _servers(self, doc: Document, daemon: DaemonSettings) -> dict[str, ServerSettings]:
+        return {
+            name: validate_table(
+                doc,
+                ServerSettings,
+                table,
+                ("servers", name),
+                given={"name": name},
+                defaults={"max_history_fetches": daemon.max_history_fetches},
+            )
+            for name, table in self._table_of_tables(doc, "servers").items()
+        }
+
+    def _hooks(self, doc: Document) -> tuple[dict[str, HookSettings], list[StatKey]]:
+        hooks: dict[str, HookSettings] = {}
+        secret_keys: list[StatKey] = []
+        for name, table in self._table_of_tables(doc, "hooks").items():
+            loc: KeyPath = ("hooks", name)
+            if not isinstance(table, dict):
+                raise doc.error(loc, f"must be a table (got {toml_type(table)})")
+            kind = table.get("type")
+            given = {"name": name}
+            if kind is None:
+                raise doc.error((*loc, "type"), 'required key is missing: "webhook" or "command"')
+            if kind == "webhook":
+                webhook = validate_table(
+                    doc,
+                    WebhookHookSettings,
+                    table,
+                    loc,
+                    given=given,
+                    other=("command", CommandHookSettings),
+                )
+                hooks[name] = self._webhook(doc, loc, webhook, secret_keys)
+            elif kind == "command":
+                command = validate_table(
+                    doc,
+                    CommandHookSettings,
+                    table,
+                    loc,
+                    given=given,
+                    other=("webhook", WebhookHookSettings),
+                )
+                hooks[name] = self._command(doc, loc, command)
+            else:
+                got = "" if isinstance(kind, str) else f" (got {toml_type(kind)})"
+                raise doc.error((*loc, "type"), f'must be "webhook" or "command"{got}')
+        return hooks, secret_keys
+
+    def _webhook(
+        self, doc: Document, loc: KeyPath, hook: WebhookHookSettings, secret_keys: list[StatKey]
+    ) -> WebhookHookSettings:
+        """``hook`` with its secret read and decoded, and its secret file made absolute."""
+        if hook.secret_file is not None and hook.secret_env is not None:
+            raise doc.error((*loc, "secret_env"), "set secret_file or secret_env, not both")
+        if hook.secret_file is not None:
+            path = self._resolve(hook.secret_file)
+            secret_keys.append(stat_key(path))
+            secret = secret_from_file(doc, (*loc, "secret_file"), path)
+            return hook.model_copy(update={"secret": secret, "secret_file": path})
+        if hook.secret_env is not None:
+            secret = secret_from_env(doc, (*loc, "secret_env"), self.env, hook.secret_env)
+            return hook.model_copy(update={"secret": secret})
+        return hook
+
+    def _command(
+        self, doc: Document, loc: KeyPath, hook: CommandHookSettings
+    ) -> CommandHookSettings:
+        """``hook`` with ``argv[0]`` made an absolute path to an executable file."""
+        program = hook.argv[0]
+        key_loc: KeyPath = (*loc, "argv", 0)
+        if not program:
+            raise doc.error(key_loc, "the command must not be empty")
+        if "/" in program:
+            path = self._resolve(program)
+            try:
+                info = path.stat()
+            except OSError as exc:
+                raise doc.error(key_loc, f"command {path}: {os_reason(exc)}") from None
+            if not stat.S_ISREG(info.st_mode):
+                raise doc.error(key_loc, f"command {path} is not a regular file")
+            if not os.access(path, os.X_OK):
+                raise doc.error(key_loc, f"command {path} is not executable")
+        else:
+            found = shutil.which(program, path=self.env.get("PATH", os.defpath))
+            if found is None:
+                raise doc.error(
+                    key_loc,
+                    f"command {program!r} not found on PATH (give an absolute path instead)",
+                )
+            path = Path(found).absolute()
+        return hook.model_copy(update={"argv": (str(path), *hook.argv[1:])})
+
+    def _daemon(
+        self, doc: Document, daemon: DaemonSettings, hooks: Mapping[str, HookSettings]
+    ) -> DaemonSettings:
+        """``daemon`` with its database URL and ``jobs_dir`` resolved, its hooks checked."""
+        loc: KeyPath = ("daemon",)
+        try:
+            database_url = self._database_url(daemon.database_url)
+        except ValueError as exc:
+            message = str(exc)
+        else:
+            message = ""
+        if message:
+            raise doc.error((*loc, "database"), message)
+        self._check_hook_names(doc, (*loc, "default_hooks"), daemon.default_hooks, hooks)
+        jobs_dir = None if daemon.jobs_dir is None else self._resolve(daemon.jobs_dir)
+        return daemon.model_copy(update={"database_url": database_url, "jobs_dir": jobs_dir})
+
+    def _database_url(self, url: str) -> str:
+        """sqlite URLs get an absolute path (driver left to the store); others pass as given."""
+        match = _URL_SCHEME_RE.fullmatch(url)
+        if match is None:
+            raise ValueError(
+                "must be a SQLAlchemy database URL, e.g. sqlite:///comfywatch.db "
+                "or postgresql://user@host/db"
+            )
+        scheme = match["scheme"].lower()
+        if scheme != "sqlite" and not scheme.startswith("sqlite+"):
+            return url
+        rest = match["rest"]
+        if not rest:
+            return "sqlite:///:memory:"
+        if not rest.startswith("/"):
+            raise ValueError(
+                "sqlite URLs look like sqlite:///relative/path.db or sqlite:////absolute/path.db"
+            )
+        database, sep, query = rest[1:].partition("?")
+        if database in ("", ":memory:") or "uri=true" in query.lower():
+            return f"sqlite:///{database or ':memory:'}{sep}{query}"
+        return f"sqlite:///{self._resolve(database)}{sep}{query}"
+
+    @staticmethod
+    def _check_hook_names(
+        doc: Document, loc: KeyPath, names: tuple[str, ...], hooks: Mapping[str, HookSettings]
+    ) -> None:
+        seen: set[str] = set()
+        for index, name in enumerate(names):
+            if name not in hooks:
+                known = ", ".join(hooks) or "none are configured"
+                raise doc.error(
+                    (*loc, index),
+                    f"unknown hook {name!r}{suggest(name, tuple(hooks))}; hooks: {known}",
+                )
+            if name in seen:
+                raise doc.error((*loc, index), f"hook {name!r} is listed twice")
+            seen.add(name)
+
+    def _jobs(
+        self,
+        doc: Document,
+        daemon: DaemonSettings,
+        servers: Mapping[str, ServerSettings],
+        hooks: Mapping[str, HookSettings],
+    ) -> list[tuple[JobSpec, _Seen]]:
+        tables = doc.data.get("jobs", [])
+        if not isinstance(tables, list):
+            raise doc.error(("jobs",), "must be an array of tables: write each job as [[jobs]]")
+        jobs: list[tuple[JobSpec, _Seen]] = []
+        for index, table in enumerate(tables):
+            loc: KeyPath = ("jobs", index)
+            job = validate_table(
+                doc,
+                JobSpec,
+                table,
+                loc,
+                given={"source": str(doc.path)},
+                defaults={"hooks": daemon.default_hooks},
+            )
+            if job.server not in servers:
+                known = ", ".join(servers) or "none are configured"
+                raise doc.error(
+                    (*loc, "server"),
+                    f"unknown server {job.server!r}{suggest(job.server, tuple(servers))}; "
+                    f"servers: {known}",
+                )
+            if "hooks" in table:  # the defaults were checked with [daemon]
+                self._check_hook_names(doc, (*loc, "hooks"), job.hooks, hooks)
+            where = _Seen(str(doc.path), doc.line_of((*loc, "prompt_id")), format_key(loc))
+            jobs.append((job, where))
+        return jobs
+
+    @staticmethod
+    def _check_unique(jobs: list[tuple[JobSpec, _Seen]]) -> None:
+        first: dict[tuple[str, str], _Seen] = {}
+        for job, where in jobs:
+            key = (job.server, job.prompt_id)
+            previous = first.setdefault(key, where)
+            if previous is where:
+                continue
+            place = f"{previous.source}:{previous.line}" if previous.line else previous.source
+            raise ConfigError(
+                f"duplicate job: server {job.server!r} prompt_id {job.prompt_id!r} "
+                f"is already registered at {place} ({previous.key})",
+                file=where.source,
+                key=f"{where.key}.prompt_id",
+                line=where.line,
+            )

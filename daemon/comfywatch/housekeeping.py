@@ -1,0 +1,79 @@
+"""Chores between ticks: the database-wide gauges and retention pruning.
+
+The gauges (jobs and deliveries by state, the oldest active job) are refreshed at most
+every ``STATS_EVERY_S``. With ``retention_days`` set, old terminal jobs are pruned at most
+every ``PRUNE_EVERY_S``, in a task of its own and in small transactions, so ticks go on
+between the batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection
+
+import structlog
+
+from comfywatch.errors import StoreError
+from comfywatch.metrics import Metrics
+from comfywatch.store import Store, retention_cutoff
+
+log = structlog.get_logger("comfywatch.service")
+
+#: How often the database-wide counts behind the gauges are refreshed.
+STATS_EVERY_S = 10.0
+#: How often retention pruning runs when ``retention_days`` is set.
+PRUNE_EVERY_S = 3600.0
+
+
+class Housekeeping:
+    """Keeps the gauges fresh and the database pruned; ``stop()`` ends a prune in flight."""
+
+    def __init__(self, *, store: Store, metrics: Metrics) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._last_stats_s = 0.0
+        self._last_prune_s = 0.0
+        self._prune_task: asyncio.Task[None] | None = None
+
+    async def refresh_gauges(self, now_s: float) -> None:
+        """Refresh the gauges if they are due. Raises StoreError."""
+        if now_s - self._last_stats_s < STATS_EVERY_S:
+            return
+        self._last_stats_s = now_s
+        stats = await self._store.stats()
+        self._metrics.set_job_counts(stats.jobs)
+        self._metrics.set_delivery_counts(stats.deliveries)
+        ages_s = {key: now_s - value.timestamp() for key, value in stats.oldest_active.items()}
+        self._metrics.set_oldest_active(ages_s)
+
+    def prune_if_due(
+        self, now_s: float, retention_days: float, keep: Collection[tuple[str, str]]
+    ) -> None:
+        """Start pruning jobs older than ``retention_days`` (but those in ``keep``) if an
+        hour has passed since the last run and none is running."""
+        if now_s - self._last_prune_s < PRUNE_EVERY_S or (
+            self._prune_task is not None and not self._prune_task.done()
+        ):
+            return
+        self._last_prune_s = now_s
+        self._prune_task = asyncio.create_task(
+            self._prune(now_s, retention_days, keep), name="prune"
+        )
+
+    async def stop(self) -> None:
+        if self._prune_task is not None:
+            self._prune_task.cancel()  # between batches: each batch commits whole
+            await asyncio.wait({self._prune_task})
+
+    async def _prune(
+        self, now_s: float, retention_days: float, keep: Collection[tuple[str, str]]
+    ) -> None:
+        try:
+            pruned = await self._store.prune(
+                retention_cutoff(now_s, retention_days), dry_run=False, keep=keep
+            )
+        except StoreError as exc:
+            log.warning("prune_failed", error=str(exc))
+            return
+        if pruned:
+            log.info("pruned", jobs=pruned, retention_days=retention_days)

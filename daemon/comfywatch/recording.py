@@ -1,0 +1,113 @@
+"""Carry one tick's decisions out: every change in one transaction, then a log line each.
+
+The hook deliveries a terminal change owes (:func:`comfywatch.tracking.owed_hooks`) are
+written in the same transaction as the change. The commit is shielded: a stop that cancels
+the tick never cuts it in half, and :meth:`Recorder.wait` lets the poller wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from comfywatch.metrics import Metrics
+from comfywatch.states import JobState
+from comfywatch.store import ActiveJob, Change, Store
+from comfywatch.tracking import Decision, owed_hooks
+
+log = structlog.get_logger("comfywatch.poller")
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """How many jobs one tick changed, and how many of them finished."""
+
+    changed: int
+    finished: int
+
+
+class Recorder:
+    """Writes decisions to the store and logs (and counts) what was written."""
+
+    def __init__(self, *, store: Store, metrics: Metrics | None) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._recording: asyncio.Future[list[int]] | None = None
+
+    async def record(
+        self,
+        decisions: Sequence[tuple[ActiveJob, Decision]],
+        now_s: float,
+        hook_states: Mapping[str, Collection[JobState]],
+    ) -> Recorded:
+        """Record every decision that changes its job's state, in one transaction."""
+        changes = [
+            _change(job, decision, hook_states)
+            for job, decision in decisions
+            if decision.state is not job.state
+        ]
+        self._recording = asyncio.ensure_future(self._store.record(changes, now_s))
+        applied = set(await asyncio.shield(self._recording))
+        finished = 0
+        for job, decision in decisions:
+            if job.id in applied:
+                finished += self._log_change(job, decision, now_s)
+        return Recorded(changed=len(applied), finished=finished)
+
+    async def wait(self) -> None:
+        """Wait for a commit in flight (one whose tick was cancelled) to end."""
+        if self._recording is not None and not self._recording.done():
+            log.info("waiting_for_commit")
+            await asyncio.wait({self._recording})
+
+    def _log_change(self, job: ActiveJob, decision: Decision, now_s: float) -> int:
+        """Log one applied change; returns 1 if the job finished, else 0."""
+        if not decision.state.terminal:
+            log.info(
+                "job_state_changed",
+                server=job.server,
+                prompt_id=job.prompt_id,
+                previous=job.state.value,
+                state=decision.state.value,
+            )
+            return 0
+        record = decision.history
+        duration_s: float | None = None
+        if record and record.started_at_ms is not None and record.finished_at_ms is not None:
+            duration_s = (record.finished_at_ms - record.started_at_ms) / 1000
+        lag_s: float | None = None
+        if record and record.finished_at_ms is not None:
+            lag_s = max(0.0, now_s - record.finished_at_ms / 1000)
+        log.info(
+            "job_finished",
+            server=job.server,
+            prompt_id=job.prompt_id,
+            previous=job.state.value,
+            state=decision.state.value,
+            reason=decision.reason.value if decision.reason else None,
+            duration_s=duration_s,
+            outputs=len(record.outputs) if record else 0,
+        )
+        if self._metrics is not None:
+            self._metrics.job_finished(job.server, decision.state, lag_s)
+        return 1
+
+
+def _change(
+    job: ActiveJob, decision: Decision, hook_states: Mapping[str, Collection[JobState]]
+) -> Change:
+    owed = owed_hooks(job.hooks, decision.state, hook_states)
+    for name in owed.unconfigured:
+        log.warning("hook_not_configured", hook=name, server=job.server, prompt_id=job.prompt_id)
+    return Change(
+        job_id=job.id,
+        state=decision.state,
+        reason=decision.reason,
+        history=decision.history,
+        queued_at_s=decision.queued_at_s if job.queued_at is None else None,
+        started_at_s=decision.started_at_s if job.started_at is None else None,
+        deliveries=owed.deliveries,
+    )

@@ -1,0 +1,119 @@
+"""What the poller remembers about each server between polls: up or down, backoff, restarts.
+
+A failing server is backed off (exponential, jittered, capped; at once to the cap when it
+refuses our credentials); an outage is logged once per episode and its end once. Every
+poll's result goes to the ``comfywatch_polls_total`` and ``comfywatch_server_up`` metrics,
+and successful ones to the restart evidence (:mod:`comfywatch.restarts`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import structlog
+
+from comfywatch.errors import ServerAuthError, ServerError
+from comfywatch.history import QueueSnapshot
+from comfywatch.metrics import Metrics
+from comfywatch.restarts import RestartEvidence, RestartSign, infer_restart
+
+log = structlog.get_logger("comfywatch.poller")
+
+#: Backoff for an unreachable server: poll_interval_s * 2**failures, capped, jittered.
+MAX_BACKOFF_S = 60.0
+
+
+@dataclass
+class ServerHealth:
+    """One server's state between polls (epoch seconds)."""
+
+    #: Whether the last poll succeeded (``None``: not polled yet).
+    up: bool | None = None
+    failures: int = 0
+    next_poll_at_s: float = 0.0
+    error_kind: str | None = None
+    down_since_s: float | None = None
+    restart: RestartEvidence = field(default_factory=RestartEvidence)
+
+
+def backoff_s(failures: int, poll_interval_s: float, max_backoff_s: float, *, auth: bool) -> float:
+    """The wait before polling a failing server again, before jitter."""
+    if auth:
+        return max_backoff_s  # a configuration problem: retrying sooner cannot help
+    return min(max_backoff_s, poll_interval_s * 2.0 ** min(failures, 16))
+
+
+class ServerHealthBook:
+    """The health of every server polled so far, updated after each poll."""
+
+    def __init__(self, *, metrics: Metrics | None, max_backoff_s: float = MAX_BACKOFF_S) -> None:
+        self._metrics = metrics
+        self._max_backoff_s = max_backoff_s
+        self._health: defaultdict[str, ServerHealth] = defaultdict(ServerHealth)
+
+    def of(self, server: str) -> ServerHealth:
+        return self._health[server]
+
+    def of_all(self, servers: Iterable[str]) -> dict[str, ServerHealth]:
+        return {name: self._health[name] for name in servers}
+
+    def due(self, server: str, now_s: float) -> bool:
+        """Whether the server may be polled now (it is not being backed off)."""
+        return self._health[server].next_poll_at_s <= now_s
+
+    def succeeded(self, server: str, queue: QueueSnapshot, now_s: float) -> None:
+        health = self._health[server]
+        if health.up is False:
+            log.info(
+                "server_recovered",
+                server=server,
+                down_for_s=round(now_s - (health.down_since_s or now_s), 3),
+                failures=health.failures,
+            )
+        inference = infer_restart(health.restart, queue, now_s)
+        for sign in inference.why:
+            if sign is not RestartSign.OUTAGE:  # an outage's end is logged just above
+                log.info("server_restart_detected", server=server, evidence=sign.value)
+        health.restart = inference.evidence
+        health.up = True
+        health.failures = 0
+        health.error_kind = None
+        health.down_since_s = None
+        health.next_poll_at_s = 0.0
+        if self._metrics is not None:
+            self._metrics.poll(server, "ok")
+            self._metrics.server_up(server, True)
+
+    def failed(
+        self, server: str, exc: ServerError, now_s: float, *, poll_interval_s: float
+    ) -> None:
+        health = self._health[server]
+        health.failures += 1
+        delay = backoff_s(
+            health.failures,
+            poll_interval_s,
+            self._max_backoff_s,
+            auth=isinstance(exc, ServerAuthError),
+        )
+        delay *= random.uniform(0.75, 1.0)  # noqa: S311 - jitter, not cryptography
+        health.next_poll_at_s = now_s + delay
+        if health.error_kind != exc.kind:
+            # Once per episode (or when the kind of failure changes), not once per tick.
+            log.warning(
+                "server_unavailable" if health.up is not False else "server_still_unavailable",
+                server=server,
+                error=exc.kind,
+                detail=exc.message,
+                retry_in_s=round(delay, 3),
+            )
+        if health.up is not False:
+            health.down_since_s = now_s
+        health.up = False
+        health.error_kind = exc.kind
+        health.restart = infer_restart(health.restart, None, now_s).evidence
+        if self._metrics is not None:
+            self._metrics.poll(server, exc.kind)
+            self._metrics.server_up(server, False)
