@@ -17,9 +17,9 @@ from .conftest import write_config
 HEAVY = {"sqlalchemy", "alembic", "aiohttp", "pydantic", "aiosqlite", "structlog"}
 
 
-def imported(*args: str) -> tuple[int, set[str], str]:
+def imported(*args: str, packages: bool = True) -> tuple[int, set[str], str]:
     """Run ``python -X importtime -m comfywatch ARGS``: (exit status, top-level packages
-    imported, stdout)."""
+    imported, or every module with ``packages=False``, stdout)."""
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "comfywatch", *args],
         capture_output=True,
@@ -27,11 +27,12 @@ def imported(*args: str) -> tuple[int, set[str], str]:
         timeout=60,
         check=False,
     )
-    names = {
-        line.rsplit("|", 1)[-1].strip().split(".")[0]
+    modules = {
+        line.rsplit("|", 1)[-1].strip()
         for line in done.stderr.splitlines()
         if line.startswith("import time:") and "|" in line
     }
+    names = {name.split(".")[0] for name in modules} if packages else modules
     assert "comfywatch" in names  # the report was read
     return done.returncode, names, done.stdout
 
@@ -76,6 +77,9 @@ async def test_queries_import_no_alembic_and_no_async_driver(tmp_path: Path) -> 
         assert code in (0, 1), args  # `show nothing`: 1, no such job
         assert "sqlalchemy" in names, args
         assert names.isdisjoint({"alembic", "aiosqlite", "aiohttp"}), (args, names)
+        # Core queries on Core tables: the ORM stays unloaded.
+        _, modules, _ = imported(*args, "--config", str(config), packages=False)
+        assert "sqlalchemy.orm" not in modules, args
     code, names, out = imported("prune", "--older-than", "1d", "--config", str(config))
     assert code == 0 and out.startswith("deleted 0 jobs")
     assert "alembic" not in names and "aiohttp" not in names

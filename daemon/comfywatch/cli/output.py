@@ -3,7 +3,6 @@ stderr. Text that may come from a remote server never reaches the terminal raw."
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from collections.abc import Mapping
@@ -29,6 +28,8 @@ def labels_text(labels: Mapping[str, Any] | None) -> str:
 
 def print_json(data: Any) -> None:
     """``data`` as indented JSON, written at once (``json.dump`` writes token by token)."""
+    import json  # not for --version and --help
+
     sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False))
     sys.stdout.write("\n")
 

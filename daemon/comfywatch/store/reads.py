@@ -18,8 +18,8 @@ from sqlalchemy import Connection, Select, select
 
 from comfywatch.history import OutputRecord
 from comfywatch.states import DeliveryState
-from comfywatch.store.models import HookDelivery, Job, JobOutput
 from comfywatch.store.rows import chunks
+from comfywatch.store.tables import hook_deliveries, job_outputs, jobs
 from comfywatch.store.values import (
     OUTPUT_FIELDS,
     DeliveryRecord,
@@ -29,9 +29,9 @@ from comfywatch.store.values import (
     JobRow,
 )
 
-_JOBS = Job.__table__
-_OUTPUTS = JobOutput.__table__
-_DELIVERIES = HookDelivery.__table__
+_JOBS = jobs
+_OUTPUTS = job_outputs
+_DELIVERIES = hook_deliveries
 
 #: The ``jobs`` columns of a :class:`JobRow`, in its field order; ``history`` (up to 1 MB)
 #: only when asked for.

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from comfywatch.store.models import HookDelivery, Job
 from comfywatch.store.values import DeliveryRow, JobRow
+
+if TYPE_CHECKING:  # the ORM only where its objects are converted (not the Core reads)
+    from comfywatch.store.models import HookDelivery, Job
 
 T = TypeVar("T")
 
