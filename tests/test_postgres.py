@@ -4,19 +4,25 @@ server on 127.0.0.1:5432 in a database of its own; skipped where none answers (n
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+from sqlalchemy import Connection, text
 
 from comfywatch.errors import StoreError
 from comfywatch.history import parse_history_entry
 from comfywatch.states import JobState, Reason
 from comfywatch.store import Change, JobFilter, NewJob, Store
+from comfywatch.store.readonly import read, schema_revision
 
-from .helpers import only_entry
+from .conftest import write_config
+from .helpers import comfywatch, only_entry
 from .test_migrations import _diff
 
 ADMIN_URL = os.environ.get("COMFYWATCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -82,3 +88,27 @@ async def test_second_daemon_lock_is_refused_on_postgresql(pg_url: str) -> None:
     finally:
         await first.close()
         await second.close()
+
+
+async def test_queries_read_postgresql_read_only(pg_url: str, tmp_path: Path) -> None:
+    """The command line's queries: asyncpg in a read-only transaction, no migration."""
+    with pytest.raises(StoreError, match="schema is at nothing"):
+        await asyncio.to_thread(read, pg_url, schema_revision)
+    store = Store.open(pg_url)
+    try:
+        await store.migrate()
+        await store.register([NewJob("local", "p1", {"batch": "b1"}, (), "test")], time.time())
+    finally:
+        await store.close()
+
+    def write(conn: Connection) -> None:
+        conn.execute(text("DELETE FROM jobs"))
+
+    with pytest.raises(StoreError, match="read-only transaction"):
+        await asyncio.to_thread(read, pg_url, write)
+    config = write_config(tmp_path, {"local": "http://127.0.0.1:9"}, daemon={"database": pg_url})
+    code, out, err = await comfywatch(
+        "jobs", "--json", "--label", "batch=b1", "--config", str(config)
+    )
+    assert code == 0, err
+    assert [(j["prompt_id"], j["state"]) for j in json.loads(out)] == [("p1", "registered")]

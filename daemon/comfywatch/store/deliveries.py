@@ -14,6 +14,7 @@ from sqlalchemy import Select, and_, func, select, update
 from comfywatch.states import DeliveryState
 from comfywatch.store.engine import Database
 from comfywatch.store.models import HookDelivery, Job
+from comfywatch.store.reads import select_deliveries
 from comfywatch.store.rows import delivery_row, job_row, utc
 from comfywatch.store.values import DeliveryRecord
 
@@ -37,12 +38,10 @@ class DeliveryQueries(Database):
         self, *, states: Sequence[DeliveryState] = (), limit: int | None = None
     ) -> list[DeliveryRecord]:
         """Deliveries in ``states`` (any if empty), newest first."""
-        query = _with_job().order_by(HookDelivery.id.desc())
-        if states:
-            query = query.where(HookDelivery.state.in_(list(states)))
-        if limit is not None:
-            query = query.limit(limit)
-        return await self._delivery_records(query)
+        async with self._session() as session:
+            return await session.run_sync(
+                lambda s: select_deliveries(s.connection(), states=states, limit=limit)
+            )
 
     async def _delivery_records(self, query: Select[HookDelivery, Job]) -> list[DeliveryRecord]:
         async with self._session() as session:

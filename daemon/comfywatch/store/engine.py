@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Self
 
 from sqlalchemy import Connection, event, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -27,30 +26,18 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from comfywatch.errors import StoreError
-from comfywatch.store import schema
+from comfywatch.store.drivers import (
+    DB_ERRORS,
+    async_url,
+    missing_database,
+    short_error,
+    sqlite_path,
+)
+from comfywatch.store.readonly import require_schema_head, schema_revision
 
 BUSY_TIMEOUT_MS = 5_000
 DB_FILE_MODE = 0o640
 DB_DIR_MODE = 0o750
-
-#: What a database call can raise: SQLAlchemy's errors, and what drivers raise unwrapped
-#: (asyncpg's connection errors, aiosqlite's encoding and overflow errors).
-DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError, ValueError, OverflowError)
-
-
-def short_error(exc: BaseException) -> str:
-    """The first line of a database error (the driver's own message when there is one)."""
-    orig = getattr(exc, "orig", None)
-    return str(orig if orig is not None else exc).splitlines()[0][:300]
-
-
-def async_url(url: str) -> str:
-    """The async-driver form of a configured SQLAlchemy URL."""
-    parsed = make_url(url)
-    drivers = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
-    if parsed.drivername in drivers:
-        parsed = parsed.set(drivername=drivers[parsed.drivername])
-    return parsed.render_as_string(hide_password=False)
 
 
 class Database:
@@ -73,7 +60,7 @@ class Database:
         ``readonly`` stores (the CLI's queries) open deferred transactions, so they never
         take the write lock away from a running daemon.
         """
-        path = _sqlite_path(url)
+        path = sqlite_path(url)
         if path is not None:
             if create:
                 try:
@@ -81,7 +68,7 @@ class Database:
                 except OSError as exc:
                     raise StoreError(f"cannot create database {path}: {exc.strerror}") from None
             elif not path.exists():
-                raise StoreError(f"database {path} does not exist (has the daemon run yet?)")
+                raise StoreError(missing_database(path))
         try:
             engine = create_async_engine(async_url(url), pool_pre_ping=path is None)
         except (SQLAlchemyError, ImportError, ValueError, TypeError) as exc:
@@ -130,6 +117,8 @@ class Database:
 
     async def migrate(self) -> None:
         """Upgrade the schema to the newest migration (idempotent)."""
+        from comfywatch.store import schema  # Alembic: only where migrations run
+
         try:
             async with self.engine.begin() as conn:
                 await conn.run_sync(schema.upgrade)
@@ -141,6 +130,8 @@ class Database:
 
     async def schema_revision(self) -> tuple[str | None, str]:
         """The database's migration revision and the newest one this version ships."""
+        from comfywatch.store import schema
+
         head = schema.head()
         self._check_file()
         try:
@@ -149,6 +140,17 @@ class Database:
         except DB_ERRORS as exc:
             raise StoreError(f"database error: {short_error(exc)}") from None
         return current, head
+
+    async def check_schema(self) -> None:
+        """Raise :class:`StoreError` unless the database is at the schema this version
+        ships; never migrates (for the commands that must leave the schema alone)."""
+        self._check_file()
+        try:
+            async with self.engine.connect() as conn:
+                current = await conn.run_sync(schema_revision)
+        except DB_ERRORS as exc:
+            raise StoreError(f"database error: {short_error(exc)}") from None
+        require_schema_head(current)
 
     def _check_file(self) -> None:
         """Raise StoreError if the SQLite file at the configured path is gone or replaced."""
@@ -159,13 +161,6 @@ class Database:
             raise StoreError(f"database file {self._path} is gone")
         if current != self._file_id:
             raise StoreError(f"database file {self._path} was replaced while open")
-
-
-def _sqlite_path(url: str) -> Path | None:
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(parsed.database)
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:

@@ -11,26 +11,22 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import undefer
 
-from comfywatch.history import HistoryRecord, OutputRecord
+from comfywatch.history import HistoryRecord
 from comfywatch.states import ACTIVE_STATES, DeliveryState, JobState
 from comfywatch.store.engine import Database
 from comfywatch.store.models import HookDelivery, Job, JobOutput
+from comfywatch.store.reads import select_job, select_jobs
 from comfywatch.store.rows import (
     chunks,
-    delivery_row,
-    job_row,
-    output_record,
     utc,
     utc_ms,
 )
 from comfywatch.store.values import (
     ActiveJob,
     Change,
-    DeliveryRow,
     JobFilter,
     JobRecord,
     NewJob,
@@ -145,43 +141,16 @@ class JobQueries(Database):
         """Jobs matching ``flt``, newest registration first, with their outputs (and their
         deliveries and raw history entries when asked)."""
         async with self._session() as session:
-            jobs = [
-                job_row(j, with_history=with_history)
-                for j in await session.scalars(_job_query(flt, with_history=with_history))
-            ]
-            ids = [j.id for j in jobs]
-            outputs = await _outputs(session, ids)
-            deliveries = await _deliveries(session, ids) if with_deliveries else {}
-        return [
-            JobRecord(j, tuple(outputs.get(j.id, ())), tuple(deliveries.get(j.id, ())))
-            for j in jobs
-        ]
+            return await session.run_sync(
+                lambda s: select_jobs(
+                    s.connection(), flt, with_deliveries=with_deliveries, with_history=with_history
+                )
+            )
 
     async def job_record(self, job_id: int) -> JobRecord | None:
         """One job with its outputs, by database id."""
         async with self._session() as session:
-            job = await session.get(Job, job_id)
-            if job is None:
-                return None
-            outputs = await _outputs(session, [job_id])
-            return JobRecord(job_row(job), tuple(outputs.get(job_id, ())))
-
-
-def _job_query(flt: JobFilter, *, with_history: bool) -> Select[Job]:
-    query = select(Job).order_by(Job.registered_at.desc(), Job.id.desc())
-    if with_history:
-        query = query.options(undefer(Job.history))
-    if flt.states:
-        query = query.where(Job.state.in_(list(flt.states)))
-    if flt.server is not None:
-        query = query.where(Job.server == flt.server)
-    if flt.prompt_id is not None:
-        query = query.where(Job.prompt_id == flt.prompt_id)
-    for key, value in flt.labels.items():
-        query = query.where(Job.labels[key].as_string() == value)
-    if flt.limit is not None:
-        query = query.limit(flt.limit)
-    return query
+            return await session.run_sync(lambda s: select_job(s.connection(), job_id))
 
 
 async def _existing_jobs(
@@ -215,30 +184,6 @@ async def _lock_active(session: AsyncSession, ids: Sequence[int]) -> set[int]:
             )
         )
     return live
-
-
-async def _outputs(session: AsyncSession, ids: Sequence[int]) -> dict[int, list[OutputRecord]]:
-    """The output records of each job in ``ids``, in the order they were written."""
-    outputs: dict[int, list[OutputRecord]] = {}
-    for chunk in chunks(ids):
-        for out in await session.scalars(
-            select(JobOutput)
-            .where(JobOutput.job_id.in_(chunk))
-            .order_by(JobOutput.job_id, JobOutput.id)
-        ):
-            outputs.setdefault(out.job_id, []).append(output_record(out))
-    return outputs
-
-
-async def _deliveries(session: AsyncSession, ids: Sequence[int]) -> dict[int, list[DeliveryRow]]:
-    """The hook deliveries of each job in ``ids``, oldest first."""
-    deliveries: dict[int, list[DeliveryRow]] = {}
-    for chunk in chunks(ids):
-        for dl in await session.scalars(
-            select(HookDelivery).where(HookDelivery.job_id.in_(chunk)).order_by(HookDelivery.id)
-        ):
-            deliveries.setdefault(dl.job_id, []).append(delivery_row(dl))
-    return deliveries
 
 
 def _new_delivery(job_id: int, change: Change, hook: str, now: datetime) -> dict[str, Any]:

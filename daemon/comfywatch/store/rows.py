@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from comfywatch.history import OutputRecord
-from comfywatch.store.models import HookDelivery, Job, JobOutput
-from comfywatch.store.values import OUTPUT_FIELDS, DeliveryRow, JobRow
+from comfywatch.store.values import DeliveryRow, JobRow
+
+if TYPE_CHECKING:  # the ORM only where its objects are converted (not the Core reads)
+    from comfywatch.store.models import HookDelivery, Job
 
 T = TypeVar("T")
 
@@ -59,12 +60,6 @@ def job_row(job: Job, *, with_history: bool = False) -> JobRow:
         error_traceback=job.error_traceback,
         history=job.history if with_history else None,
     )
-
-
-def output_record(out: JobOutput) -> OutputRecord:
-    """A ``job_outputs`` row as the output record it was written from."""
-    columns: dict[str, Any] = {name: getattr(out, name) for name in OUTPUT_FIELDS}
-    return OutputRecord(**columns)
 
 
 def delivery_row(delivery: HookDelivery) -> DeliveryRow:

@@ -1,0 +1,141 @@
+"""The command line's grammar: commands, their options and the types of their values.
+
+Imports argparse, the version and the state names only, so that ``--help`` and
+``--version`` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+from comfywatch import __version__
+from comfywatch.states import DeliveryState, JobState
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _duration_s(text: str) -> float:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a duration like 30d, 12h or 90m, got {text!r}")
+    unit = {"": 86400, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+    return float(match.group(1)) * unit
+
+
+def _common_options(*, default: object) -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=default,
+        help="config file (default: $COMFYWATCH_CONFIG, then /etc/comfywatch/comfywatch.toml)",
+    )
+    common.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default=default
+    )
+    common.add_argument("--log-format", choices=["auto", "json", "console"], default=default)
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="comfywatch",
+        description="Track ComfyUI prompts to the end; record them in SQLite; fire hooks.",
+    )
+    parser.add_argument("--version", action="version", version=f"comfywatch {__version__}")
+    common = _common_options(default=None)
+    # For sub-subcommands (hooks retry): an option given before the action must survive.
+    nested = _common_options(default=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="run the daemon until stopped")
+    run.add_argument(
+        "--until-done",
+        action="store_true",
+        help="exit 0 once every job is terminal and every hook delivered or dead",
+    )
+    sub.add_parser("check-config", parents=[common], help="validate the config and list jobs")
+    sub.add_parser("migrate", parents=[common], help="create or upgrade the database schema")
+    sub.add_parser(
+        "healthcheck",
+        parents=[common],
+        help="exit 0 if the running daemon is healthy (its /healthz, else the database)",
+    )
+
+    jobs = sub.add_parser("jobs", parents=[common], help="list tracked jobs")
+    jobs.add_argument("--state", action="append", choices=[s.value for s in JobState])
+    jobs.add_argument("--server")
+    jobs.add_argument("--label", action="append", type=_label, default=[], metavar="KEY=VALUE")
+    jobs.add_argument("--limit", type=int, default=None)
+    jobs.add_argument("--json", action="store_true", help="print a JSON array")
+
+    show = sub.add_parser("show", parents=[common], help="show one job in full")
+    show.add_argument("prompt_id")
+    show.add_argument("--server")
+    show.add_argument("--json", action="store_true")
+
+    hooks = sub.add_parser("hooks", parents=[common], help="list or retry hook deliveries")
+    hooks_sub = hooks.add_subparsers(dest="hooks_command", metavar="ACTION")
+    hooks.add_argument("--state", choices=[s.value for s in DeliveryState])
+    hooks.add_argument("--limit", type=int, default=None)
+    hooks.add_argument("--json", action="store_true")
+    retry = hooks_sub.add_parser("retry", parents=[nested], help="send dead deliveries again")
+    retry.add_argument("ids", nargs="*", type=int, metavar="ID")
+    retry.add_argument("--all-dead", action="store_true")
+
+    prune = sub.add_parser("prune", parents=[common], help="delete old terminal jobs")
+    prune.add_argument("--older-than", type=_duration_s, required=True, metavar="AGE")
+    prune.add_argument("--dry-run", action="store_true")
+
+    _add_fake_server(sub)
+    return parser
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def _add_fake_server(sub: Any) -> None:
+    """``comfywatch fake-server`` and its options (the benchmark ones included)."""
+    fake = sub.add_parser("fake-server", help="run a fake ComfyUI for trying comfywatch")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8188)
+    fake.add_argument("--run-time", type=float, default=2.0, help="seconds each prompt 'runs'")
+    fake.add_argument(
+        "--max-history",
+        type=_count,
+        default=10_000,
+        metavar="N",
+        help="history entries kept, as ComfyUI's MAXIMUM_HISTORY_SIZE (default 10000)",
+    )
+    fake.add_argument(
+        "--progress-steps",
+        type=_count,
+        default=4,
+        metavar="N",
+        help="'progress' WebSocket messages per prompt (default 4; 0 for none)",
+    )
+    fake.add_argument(
+        "--prefill", type=_count, default=0, metavar="N", help="queue N prompts at start"
+    )
+    fake.add_argument(
+        "--graph-bytes",
+        type=_count,
+        default=None,
+        metavar="B",
+        help="size of each prefilled prompt's graph as JSON (default: a small graph)",
+    )

@@ -1,0 +1,11 @@
+"""The :class:`Store`: the query mixins on one database engine."""
+
+from __future__ import annotations
+
+from comfywatch.store.deliveries import DeliveryQueries
+from comfywatch.store.jobs import JobQueries
+from comfywatch.store.upkeep import UpkeepQueries
+
+
+class Store(JobQueries, DeliveryQueries, UpkeepQueries):
+    """The database behind comfywatch: jobs, their outputs, and the hook outbox."""

@@ -1,0 +1,141 @@
+"""Listing queries in SQLAlchemy Core: the columns wanted, each row turned straight into a
+frozen value (no ORM object per row).
+
+Plain functions of a synchronous ``Connection``: the async store runs them with
+``run_sync``, the command line on a read-only connection (:mod:`comfywatch.store.readonly`).
+Each walks an index: jobs newest first (``ix_jobs_registered_at_id``) or by prompt id
+(``ix_jobs_prompt_id``), outputs and deliveries by job (their unique constraints' indexes),
+deliveries newest first (the primary key).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
+
+from sqlalchemy import Connection, Select, select
+
+from comfywatch.history import OutputRecord
+from comfywatch.states import DeliveryState
+from comfywatch.store.rows import chunks
+from comfywatch.store.tables import hook_deliveries, job_outputs, jobs
+from comfywatch.store.values import (
+    OUTPUT_FIELDS,
+    DeliveryRecord,
+    DeliveryRow,
+    JobFilter,
+    JobRecord,
+    JobRow,
+)
+
+_JOBS = jobs
+_OUTPUTS = job_outputs
+_DELIVERIES = hook_deliveries
+
+#: The ``jobs`` columns of a :class:`JobRow`, in its field order; ``history`` (up to 1 MB)
+#: only when asked for.
+_JOB_FIELDS = tuple(f.name for f in fields(JobRow) if f.name != "history")
+_DELIVERY_FIELDS = tuple(f.name for f in fields(DeliveryRow))
+
+
+def select_jobs(
+    conn: Connection,
+    flt: JobFilter,
+    *,
+    with_deliveries: bool = False,
+    with_history: bool = False,
+) -> list[JobRecord]:
+    """Jobs matching ``flt``, newest registration first, with their outputs (and their
+    deliveries and stored history entries when asked)."""
+    names = (*_JOB_FIELDS, "history") if with_history else _JOB_FIELDS
+    jobs = [_job_row(names, row) for row in conn.execute(_job_query(flt, names))]
+    return _records(conn, jobs, with_deliveries=with_deliveries)
+
+
+def select_job(conn: Connection, job_id: int) -> JobRecord | None:
+    """One job with its outputs, by database id."""
+    query = select(*(_JOBS.c[name] for name in _JOB_FIELDS)).where(_JOBS.c.id == job_id)
+    jobs = [_job_row(_JOB_FIELDS, row) for row in conn.execute(query)]
+    return next(iter(_records(conn, jobs, with_deliveries=False)), None)
+
+
+def select_deliveries(
+    conn: Connection, *, states: Sequence[DeliveryState] = (), limit: int | None = None
+) -> list[DeliveryRecord]:
+    """Deliveries in ``states`` (any if empty), newest first, with their jobs."""
+    d = _DELIVERIES.c
+    query = (
+        select(*(d[name] for name in _DELIVERY_FIELDS), *(_JOBS.c[n] for n in _JOB_FIELDS))
+        .join_from(_DELIVERIES, _JOBS, d.job_id == _JOBS.c.id)
+        .order_by(d.id.desc())
+    )
+    if states:
+        query = query.where(d.state.in_(list(states)))
+    if limit is not None:
+        query = query.limit(limit)
+    split = len(_DELIVERY_FIELDS)
+    return [
+        DeliveryRecord(DeliveryRow(*row[:split]), _job_row(_JOB_FIELDS, row[split:]))
+        for row in conn.execute(query)
+    ]
+
+
+def _job_query(flt: JobFilter, names: Sequence[str]) -> Select[Any]:
+    c = _JOBS.c
+    query = select(*(c[name] for name in names)).order_by(c.registered_at.desc(), c.id.desc())
+    if flt.states:
+        query = query.where(c.state.in_(list(flt.states)))
+    if flt.server is not None:
+        query = query.where(c.server == flt.server)
+    if flt.prompt_id is not None:
+        query = query.where(c.prompt_id == flt.prompt_id)
+    for key, value in flt.labels.items():
+        query = query.where(c.labels[key].as_string() == value)
+    if flt.limit is not None:
+        query = query.limit(flt.limit)
+    return query
+
+
+def _job_row(names: Sequence[str], row: Sequence[Any]) -> JobRow:
+    values = dict(zip(names, row, strict=True))
+    values["labels"] = dict(values["labels"] or {})
+    values["hooks"] = tuple(str(h) for h in values["hooks"] or ())
+    return JobRow(**values)
+
+
+def _records(conn: Connection, jobs: list[JobRow], *, with_deliveries: bool) -> list[JobRecord]:
+    ids = [j.id for j in jobs]
+    outputs = _outputs(conn, ids)
+    deliveries = _deliveries(conn, ids) if with_deliveries else {}
+    return [
+        JobRecord(j, tuple(outputs.get(j.id, ())), tuple(deliveries.get(j.id, ()))) for j in jobs
+    ]
+
+
+def _outputs(conn: Connection, ids: Sequence[int]) -> dict[int, list[OutputRecord]]:
+    """The output records of each job in ``ids``, in the order they were written."""
+    c = _OUTPUTS.c
+    columns = [c.job_id, *(c[name] for name in OUTPUT_FIELDS)]
+    outputs: dict[int, list[OutputRecord]] = {}
+    for chunk in chunks(ids):
+        query = select(*columns).where(c.job_id.in_(chunk)).order_by(c.job_id, c.id)
+        for job_id, *values in conn.execute(query):
+            outputs.setdefault(job_id, []).append(OutputRecord(*values))
+    return outputs
+
+
+def _deliveries(conn: Connection, ids: Sequence[int]) -> dict[int, list[DeliveryRow]]:
+    """The hook deliveries of each job in ``ids``, oldest first."""
+    d = _DELIVERIES.c
+    deliveries: dict[int, list[DeliveryRow]] = {}
+    for chunk in chunks(ids):
+        query = (
+            select(*(d[name] for name in _DELIVERY_FIELDS))
+            .where(d.job_id.in_(chunk))
+            .order_by(d.id)
+        )
+        for row in conn.execute(query):
+            delivery = DeliveryRow(*row)
+            deliveries.setdefault(delivery.job_id, []).append(delivery)
+    return deliveries
