@@ -80,6 +80,8 @@ class Poller:
         self._open = OpenJobs()
         self._loaded = False
         self._due: defaultdict[str, set[int]] = defaultdict(set)
+        #: Per server, prompts whose history entry could not be read: asked again.
+        self._recheck: defaultdict[str, set[str]] = defaultdict(set)
         self._warned_unknown: set[str] = set()
         self._inflight: dict[str, asyncio.Task[Decisions | None]] = {}
         self._late: set[str] = set()
@@ -331,6 +333,7 @@ class Poller:
                 functools.partial(self._open.tracked, server),
                 self._monotonic(),
                 interval=interval,
+                recheck=frozenset(self._recheck[server] & self._open.on(server).keys()),
             )
         except ServerError as exc:
             watch.failed()
@@ -349,6 +352,9 @@ class Poller:
                 self._metrics.poll_latency(server, time.monotonic() - started)
         self._health.succeeded(server, polled.queue, now_s)
         self._report_unreadable(server, polled)
+        recheck = self._recheck[server]
+        recheck.difference_update(polled.histories)
+        recheck.update(polled.unreadable)
         return self._decide_jobs(server, watch, polled, now_s)
 
     def _report_unreadable(self, server: str, polled: ServerPoll) -> None:

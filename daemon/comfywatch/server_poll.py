@@ -62,8 +62,10 @@ async def poll_server(
     now_s: float,
     *,
     interval: bool,
+    recheck: Collection[str] = (),
 ) -> ServerPoll:
-    """Make the requests the watch says are due, feeding it each answer."""
+    """Make the requests the watch says are due, feeding it each answer. ``recheck``:
+    prompts whose entry could not be read before, asked again at each poll interval."""
     found = _Found()
     plan = watch.plan(now_s, tracked(), interval=interval)
     if plan.probe and (watch.socket_up or not plan.queue):
@@ -73,6 +75,8 @@ async def poll_server(
     if plan.tail is not None:
         await _read_tail(client, watch, prompt_ids, tracked, plan.tail, found)
         plan = watch.plan(now_s, tracked(), interval=interval)
+    if interval and recheck:
+        await _fetch_each(client, [p for p in recheck if p not in found.histories], found)
     if not plan.queue:
         return ServerPoll(None, False, found.histories, frozenset(found.unreadable), found.requests)
     found.count("queue")
