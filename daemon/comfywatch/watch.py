@@ -116,15 +116,15 @@ class ServerWatch:
     def socket_count(self, remaining: int) -> None:
         """A ``status`` frame."""
         self.frame_since_probe = True
-        self.mismatches = 0
         self._count_seen(remaining, from_socket=True)
 
     def probed(self, remaining: int, now_s: float) -> None:
         """A ``GET /prompt`` answer."""
         if self.socket_up:
             self.next_probe_at_s = now_s + STALL_PROBE_S
-            if remaining != self.count and not self.frame_since_probe:
-                self.mismatches += 1
+            if remaining != self.count:
+                # A frame since the last probe restarts the tally (it may have raced).
+                self.mismatches = 1 if self.frame_since_probe else self.mismatches + 1
                 if self.mismatches >= STALL_MISMATCHES:
                     self.stalled = True
                     self.socket_dropped = True
