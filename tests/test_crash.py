@@ -188,7 +188,6 @@ async def test_sigkill_at_random_moments_loses_nothing_and_half_writes_nothing(
             late_drop_in = not hold and life % 2 == 0  # picked up by the running daemon
             if not late_drop_in:
                 drop_in(tmp_path, f"life-{life:02}", batch)
-            queue_polls = fake.requests["GET /queue"]
             proc = await DaemonProcess.start(config)
             lives.append(proc)
             if life % 3 == 0:
@@ -203,9 +202,12 @@ async def test_sigkill_at_random_moments_loses_nothing_and_half_writes_nothing(
                 if late_drop_in:
                     drop_in(tmp_path, f"life-{life:02}", batch)
                 if hold:
-                    # A whole tick of this daemon has recorded the batch as queued (a late
-                    # request of the previous, killed daemon may be among those counted).
-                    await fake.wait_requests("GET /queue", queue_polls + 3, timeout_s=60)
+                    # A tick of this daemon has recorded the batch as queued (one commit).
+                    await proc.wait_event(
+                        "job_state_changed",
+                        lambda e, batch=frozenset(batch): e.get("prompt_id") in batch,
+                        timeout_s=60,
+                    )
                 else:
                     fake.resume()
                 await asyncio.sleep(rng.uniform(0.05, 0.6))  # the random kill moment
@@ -238,12 +240,14 @@ async def test_sigkill_at_random_moments_loses_nothing_and_half_writes_nothing(
         fake.pause()
         watched = submit_batch(20)
         drop_in(tmp_path, "last", watched)
-        queue_polls = fake.requests["GET /queue"]
         proc = await DaemonProcess.start(config, "--until-done")
         lives.append(proc)
-        # Three polls since the start: at least two are this daemon's, so one whole tick of
-        # it saw the batch pending (a request from the killed one may be counted late).
-        await fake.wait_requests("GET /queue", queue_polls + 3, timeout_s=60)
+        # A tick of this daemon has recorded the batch as queued (one commit).
+        await proc.wait_event(
+            "job_state_changed",
+            lambda e: e.get("prompt_id") in watched and e.get("state") == "queued",
+            timeout_s=60,
+        )
         gone = watched[::3]
         assert fake.delete_from_queue(gone) == len(gone)
         for pid in gone:

@@ -30,7 +30,9 @@ async def states(daemon: Daemon) -> dict[str, str]:
 
 async def until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20) -> None:
     async with asyncio.timeout(timeout_s):
-        while not await check():
+        while True:
+            if await check():
+                return
             await asyncio.sleep(0.02)
 
 

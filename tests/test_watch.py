@@ -22,7 +22,9 @@ UNSEEN = Tracked(unseen=True)
 IDLE = Tracked()
 
 
-def settled(*, socket: bool, count: int = 5, history: tuple[str, ...] = ("h1", "h2")) -> ServerWatch:
+def settled(
+    *, socket: bool, count: int = 5, history: tuple[str, ...] = ("h1", "h2")
+) -> ServerWatch:
     """A watch past its start: queue and tail read, count known."""
     watch = ServerWatch(poll_interval_s=1.0, queue_refresh_s=300.0)
     if socket:
@@ -40,24 +42,93 @@ Step = Callable[[ServerWatch], object]
 TABLE: list[tuple[str, bool, list[Step], Tracked, bool, Plan]] = [
     ("socket, quiet", True, [], WAITING, True, Plan()),
     ("socket, a start", True, [lambda w: w.socket_count(5)], WAITING, True, Plan()),
-    ("socket, a finish", True, [lambda w: w.socket_count(4)], WAITING, False, Plan(tail=1 + TAIL_MARGIN)),
-    ("socket, three drops", True, [lambda w: w.socket_count(4), lambda w: w.socket_count(2)], WAITING, False, Plan(tail=3 + TAIL_MARGIN)),
+    (
+        "socket, a finish",
+        True,
+        [lambda w: w.socket_count(4)],
+        WAITING,
+        False,
+        Plan(tail=1 + TAIL_MARGIN),
+    ),
+    (
+        "socket, three drops",
+        True,
+        [lambda w: w.socket_count(4), lambda w: w.socket_count(2)],
+        WAITING,
+        False,
+        Plan(tail=3 + TAIL_MARGIN),
+    ),
     ("socket, a put, all seen", True, [lambda w: w.socket_count(6)], WAITING, True, Plan()),
-    ("socket, a put, one unseen", True, [lambda w: w.socket_count(6)], UNSEEN, True, Plan(queue=True, queue_reason="new prompts")),
+    (
+        "socket, a put, one unseen",
+        True,
+        [lambda w: w.socket_count(6)],
+        UNSEEN,
+        True,
+        Plan(queue=True, queue_reason="new prompts"),
+    ),
     ("no socket, interval", False, [], WAITING, True, Plan(probe=True)),
     ("no socket, hint only", False, [], WAITING, False, Plan()),
-    ("no socket, count fell", False, [lambda w: w.probed(3, 0.5)], WAITING, False, Plan(tail=2 + TAIL_MARGIN)),
-    ("no socket, count rose", False, [lambda w: w.probed(6, 0.5)], WAITING, False, Plan(tail=TAIL_MARGIN)),
-    ("new registration, gap passed", True, [lambda w: w.registered(0.5)], UNSEEN, True, Plan(queue=True, queue_reason="registered")),
-    ("a failure: resync", True, [lambda w: w.failed()], WAITING, False, Plan(tail=TAIL_MARGIN, queue=True, queue_reason="resync")),
-    ("socket dropped", True, [lambda w: w.socket_disconnected(0.5)], WAITING, True, Plan(probe=True)),
-    ("socket back after a drop: resync", True, [lambda w: w.socket_disconnected(0.2), lambda w: w.socket_connected(0.5)], WAITING, False, Plan(tail=TAIL_MARGIN, queue=True, queue_reason="resync")),
+    (
+        "no socket, count fell",
+        False,
+        [lambda w: w.probed(3, 0.5)],
+        WAITING,
+        False,
+        Plan(tail=2 + TAIL_MARGIN),
+    ),
+    (
+        "no socket, count rose",
+        False,
+        [lambda w: w.probed(6, 0.5)],
+        WAITING,
+        False,
+        Plan(tail=TAIL_MARGIN),
+    ),
+    (
+        "new registration, gap passed",
+        True,
+        [lambda w: w.registered(0.5)],
+        UNSEEN,
+        True,
+        Plan(queue=True, queue_reason="registered"),
+    ),
+    (
+        "a failure: resync",
+        True,
+        [lambda w: w.failed()],
+        WAITING,
+        False,
+        Plan(tail=TAIL_MARGIN, queue=True, queue_reason="resync"),
+    ),
+    (
+        "socket dropped",
+        True,
+        [lambda w: w.socket_disconnected(0.5)],
+        WAITING,
+        True,
+        Plan(probe=True),
+    ),
+    (
+        "socket back after a drop: resync",
+        True,
+        [lambda w: w.socket_disconnected(0.2), lambda w: w.socket_connected(0.5)],
+        WAITING,
+        False,
+        Plan(tail=TAIL_MARGIN, queue=True, queue_reason="resync"),
+    ),
     ("nothing tracked waits: no refresh", False, [], IDLE, False, Plan()),
 ]
 
 
-@pytest.mark.parametrize(("socket", "events", "tracked", "interval", "plan"), [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])
-def test_plan_table(socket: bool, events: list[Step], tracked: Tracked, interval: bool, plan: Plan) -> None:
+@pytest.mark.parametrize(
+    ("socket", "events", "tracked", "interval", "plan"),
+    [row[1:] for row in TABLE],
+    ids=[row[0] for row in TABLE],
+)
+def test_plan_table(
+    socket: bool, events: list[Step], tracked: Tracked, interval: bool, plan: Plan
+) -> None:
     watch = settled(socket=socket)
     for event in events:
         event(watch)
@@ -66,7 +137,9 @@ def test_plan_table(socket: bool, events: list[Step], tracked: Tracked, interval
 
 def test_a_fresh_watch_reads_queue_and_tail() -> None:
     watch = ServerWatch(poll_interval_s=1.0, queue_refresh_s=300.0)
-    assert watch.plan(0.0, WAITING, interval=True) == Plan(probe=True, tail=TAIL_MARGIN, queue=True, queue_reason="start")
+    assert watch.plan(0.0, WAITING, interval=True) == Plan(
+        probe=True, tail=TAIL_MARGIN, queue=True, queue_reason="start"
+    )
 
 
 def test_registrations_wait_for_the_gap_after_a_queue_read() -> None:
@@ -104,7 +177,9 @@ def test_an_unexplained_drop_reads_the_queue() -> None:
     watch.socket_count(3)
     verdict = watch.tail_read(("h1", "h2", "p1"), 2 + TAIL_MARGIN, WAITING, drops_asked=2)
     assert verdict.new_ids == ("p1",)
-    assert watch.plan(1.0, WAITING, interval=False) == Plan(queue=True, queue_reason="unexplained drop")
+    assert watch.plan(1.0, WAITING, interval=False) == Plan(
+        queue=True, queue_reason="unexplained drop"
+    )
 
 
 def test_an_unexplained_drop_with_nothing_waiting_reads_no_queue() -> None:

@@ -167,4 +167,3 @@ async def _gather_or_cancel(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-

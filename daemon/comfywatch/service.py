@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from comfywatch.comfy import SocketEvent
 from comfywatch.config import Settings, config_fingerprint, load_settings
 from comfywatch.errors import ConfigError, StoreError
 from comfywatch.hooks import HookDispatcher
@@ -21,7 +22,6 @@ from comfywatch.housekeeping import Housekeeping
 from comfywatch.metrics import Metrics
 from comfywatch.notify import SystemdNotifier
 from comfywatch.poller import Poller
-from comfywatch.comfy import SocketEvent
 from comfywatch.store import ActiveJob, NewJob, Store
 from comfywatch.watchers import QueueWatchers
 
