@@ -99,6 +99,7 @@ def full_example(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         request_timeout_s = 10
         max_response_bytes = 67108864
         max_history_fetches = 4
+        queue_refresh_s = 120
 
         [servers.gpu-2]
         url = "https://gpu-2.internal:8443/comfy"
@@ -179,11 +180,13 @@ def test_full_example_loads(full_example: tuple[Path, dict[str, str]], tmp_path:
     assert local.request_timeout_s == 10
     assert local.max_response_bytes == 64 * 1024 * 1024
     assert local.max_history_fetches == 4
+    assert local.queue_refresh_s == 120
     gpu = settings.servers["gpu-2"]
     assert gpu.url == "https://gpu-2.internal:8443/comfy"
     assert dict(gpu.headers) == {}
     assert (gpu.queue_timeout_s, gpu.run_timeout_s) == (None, None)
     assert gpu.max_history_fetches == 8  # inherited from [daemon]
+    assert gpu.queue_refresh_s == 300
 
     notify = settings.hooks["notify"]
     assert isinstance(notify, WebhookHookSettings)
@@ -564,6 +567,28 @@ MISTAKES = [
         3,
         "greater than 0",
         id="negative-interval",
+    ),
+    pytest.param(
+        """
+        [servers.a]
+        url = "http://a"
+        queue_refresh_s = 0
+        """,
+        "servers.a.queue_refresh_s",
+        3,
+        "greater than 0",
+        id="zero-queue-refresh",
+    ),
+    pytest.param(
+        """
+        [servers.a]
+        url = "http://a"
+        queue_refresh_s = "5m"
+        """,
+        "servers.a.queue_refresh_s",
+        3,
+        "must be a valid number (got string)",
+        id="queue-refresh-not-a-number",
     ),
     pytest.param(
         """

@@ -188,7 +188,6 @@ async def test_sigkill_at_random_moments_loses_nothing_and_half_writes_nothing(
             late_drop_in = not hold and life % 2 == 0  # picked up by the running daemon
             if not late_drop_in:
                 drop_in(tmp_path, f"life-{life:02}", batch)
-            queue_polls = fake.requests["GET /queue"]
             proc = await DaemonProcess.start(config)
             lives.append(proc)
             if life % 3 == 0:
@@ -203,9 +202,12 @@ async def test_sigkill_at_random_moments_loses_nothing_and_half_writes_nothing(
                 if late_drop_in:
                     drop_in(tmp_path, f"life-{life:02}", batch)
                 if hold:
-                    # A whole tick of this daemon has recorded the batch as queued (a late
-                    # request of the previous, killed daemon may be among those counted).
-                    await fake.wait_requests("GET /queue", queue_polls + 3, timeout_s=60)
+                    # A tick of this daemon has recorded the batch as queued (one commit).
+                    await proc.wait_event(
+                        "job_state_changed",
+                        lambda e, batch=frozenset(batch): e.get("prompt_id") in batch,
+                        timeout_s=60,
+                    )
                 else:
                     fake.resume()
                 await asyncio.sleep(rng.uniform(0.05, 0.6))  # the random kill moment
@@ -238,12 +240,14 @@ async def test_sigkill_at_random_moments_loses_nothing_and_half_writes_nothing(
         fake.pause()
         watched = submit_batch(20)
         drop_in(tmp_path, "last", watched)
-        queue_polls = fake.requests["GET /queue"]
         proc = await DaemonProcess.start(config, "--until-done")
         lives.append(proc)
-        # Three polls since the start: at least two are this daemon's, so one whole tick of
-        # it saw the batch pending (a request from the killed one may be counted late).
-        await fake.wait_requests("GET /queue", queue_polls + 3, timeout_s=60)
+        # A tick of this daemon has recorded the batch as queued (one commit).
+        await proc.wait_event(
+            "job_state_changed",
+            lambda e: e.get("prompt_id") in watched and e.get("state") == "queued",
+            timeout_s=60,
+        )
         gone = watched[::3]
         assert fake.delete_from_queue(gone) == len(gone)
         for pid in gone:
@@ -430,14 +434,14 @@ async def test_a_held_write_lock_delays_recording_and_loses_nothing(
     config = write_config(
         tmp_path, {"local": fake.url}, [{"server": "local", "prompt_id": p} for p in pids]
     )
-    # The first tick reads the jobs, then waits on their history: the lock is taken then,
-    # so it is the tick's commit that meets it.
-    fake.inject("hang", route="GET /history/{id}")
+    # The first tick waits on the history tail: the lock is taken then, so it is the
+    # tick's commit that meets it.
+    fake.inject("hang", route="GET /history")
     db = tmp_path / "comfywatch.db"
     proc = await DaemonProcess.start(config, "--until-done")
     try:
         await proc.wait_event("daemon_started")
-        await fake.wait_requests("GET /history/{id}", 1, timeout_s=60)
+        await fake.wait_requests("GET /history", 1, timeout_s=60)
         with connect(db) as writer:
             writer.execute("BEGIN IMMEDIATE")
             fake.clear_faults()
@@ -468,8 +472,9 @@ GATE_HOOK = "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.
 
 async def test_until_done_outlasts_a_locked_database(tmp_path: Path, fake: FakeComfyUI) -> None:
     """--until-done with every job finished but a hook delivery still in flight, while a
-    writer holds the lock across several ticks: the daemon keeps retrying (it neither dies
-    on the busy database nor calls it done), then finishes once the lock and hook are done."""
+    writer holds the lock across several ticks: the daemon keeps going (it neither dies
+    on the busy database nor calls it done), then finishes once the lock and hook are done.
+    (Its ticks have nothing to write: what meets the lock is the read of the outbox.)"""
     gate_open = asyncio.Event()
     hook_connected = asyncio.Event()
 
@@ -503,8 +508,9 @@ async def test_until_done_outlasts_a_locked_database(tmp_path: Path, fake: FakeC
             await proc.until(hook_connected.wait(), "the hook ran")  # so the job is recorded
             with connect(db) as writer:
                 writer.execute("BEGIN IMMEDIATE")
-                first = await proc.wait_event("tick_not_recorded")
-                await proc.wait_event("tick_not_recorded", start=first + 1)
+                first = await proc.wait_event("housekeeping_failed")
+                await proc.wait_event("housekeeping_failed", start=first + 1)
+                assert not proc.named("all_done")
                 writer.execute("ROLLBACK")
             gate_open.set()
             assert await proc.wait() == 0, proc.describe()

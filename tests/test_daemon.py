@@ -35,10 +35,14 @@ def spec(prompt_id: str, server: str = "local", **extra: Any) -> dict[str, Any]:
 async def test_success_walks_through_queued_running_success(
     tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
 ) -> None:
-    """registered -> queued -> running -> success, with outputs, labels and timestamps."""
+    """registered -> queued -> running -> success, with outputs, labels and timestamps.
+
+    A start leaves the queue's count unchanged: ``running`` is learnt at the next queue
+    refresh (``queue_refresh_s``, tiny here), the finish from the history tail."""
     fake.pause()
     pid = fake.submit()
-    config = write_config(tmp_path, {"local": fake.url}, [spec(pid, labels={"batch": "b1"})])
+    server = {"url": fake.url, "queue_refresh_s": 0.001}
+    config = write_config(tmp_path, {"local": server}, [spec(pid, labels={"batch": "b1"})])
     daemon = await make_daemon(config)
     assert (await job(daemon, pid)).job.state == "registered"
 
@@ -48,6 +52,7 @@ async def test_success_walks_through_queued_running_success(
     fake.hold_running()
     fake.resume()
     await fake.wait_running(pid)
+    await asyncio.sleep(0.002)  # past queue_refresh_s
     await daemon.poller.tick()
     assert (await job(daemon, pid)).job.state == "running"
 
@@ -216,7 +221,8 @@ async def test_server_down_for_a_while_then_back_loses_nothing(
 async def test_several_servers_at_once_one_queue_call_each(
     tmp_path: Path, fake: FakeComfyUI, fake2: FakeComfyUI, make_daemon: MakeDaemon
 ) -> None:
-    """Per server and tick: one GET /queue; history only for prompts that left the queue."""
+    """One GET /queue per server at start; then a count probe per tick, and one history
+    tail for the server whose count dropped (not one request per finished prompt)."""
     fake.pause()
     fake2.pause()
     a = [fake.submit() for _ in range(20)]
@@ -229,9 +235,12 @@ async def test_several_servers_at_once_one_queue_call_each(
     fake2.resume()
     for pid in b:
         await fake2.wait_finished(pid)
+    tails = fake2.requests["GET /history"]
     await daemon.poller.tick()
-    assert fake2.requests["GET /history/{id}"] == 20
-    assert fake.requests["GET /history/{id}"] == 0
+    assert fake2.requests["GET /history"] == tails + 1
+    assert fake2.requests["GET /history/{id}"] == 0 and fake.requests["GET /history/{id}"] == 0
+    assert fake.requests["GET /queue"] == 1 and fake2.requests["GET /queue"] == 1
+    assert fake.requests["GET /prompt"] == 1 and fake2.requests["GET /prompt"] == 1
     got = await states(daemon)
     assert {got[p] for p in a} == {"queued"} and {got[p] for p in b} == {"success"}
 

@@ -163,7 +163,8 @@ async def test_one_unreadable_history_entry_does_not_stall_the_rest(
     tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
 ) -> None:
     pids = [fake.submit() for _ in range(3)]
-    for pid in pids:
+    others = [fake.submit() for _ in range(8)]  # newer: the first tail does not reach ours
+    for pid in pids + others:
         await fake.wait_finished(pid)
     jobs = [{"server": "local", "prompt_id": p} for p in pids]
     daemon = await make_daemon(write_config(tmp_path, {"local": fake.url}, jobs))

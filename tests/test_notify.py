@@ -323,13 +323,14 @@ async def test_watchdog_follows_completed_ticks_and_stops_while_ticks_fail(
     "None arrives" can only be observed over a window between two failed ticks; a ping
     sent by anything but a completed tick would arrive within it.
     """
-    fake.hold_running()  # an active job, so every tick reads and polls
+    fake.hold_running()
     pid = fake.submit()
+    later = fake.submit(run_time_s=600)  # still running at the end
     await fake.wait_running(pid)
     config = write_config(
         tmp_path,
         {"local": fake.url},
-        [{"server": "local", "prompt_id": pid}],
+        [{"server": "local", "prompt_id": p} for p in (pid, later)],
         daemon={"poll_interval_s": 0.05},
     )
     env = {"NOTIFY_SOCKET": notify_socket.sock.getsockname(), "WATCHDOG_USEC": "100000"}
@@ -342,6 +343,7 @@ async def test_watchdog_follows_completed_ticks_and_stops_while_ticks_fail(
         writer = sqlite3.connect(tmp_path / "comfywatch.db", isolation_level=None)
         try:
             writer.execute("BEGIN IMMEDIATE")
+            fake.release()  # a finish to record: every tick now has to write
             first = await daemon.wait_event("tick_not_recorded")
             notify_socket.drain()  # pings of ticks that completed before the lock
             await daemon.wait_event("tick_not_recorded", start=first + 1)

@@ -11,23 +11,77 @@ import asyncio
 import json
 import random
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Container, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 import structlog
 
 from comfywatch.config import ServerSettings
-from comfywatch.errors import BadResponse, ParseError, ServerAuthError, ServerUnavailable
-from comfywatch.history import HistoryRecord, QueueSnapshot, parse_history_response, parse_queue
+from comfywatch.errors import (
+    BadResponse,
+    ParseError,
+    ResponseTooLarge,
+    ServerAuthError,
+    ServerUnavailable,
+)
+from comfywatch.history import (
+    HistoryRecord,
+    QueueSnapshot,
+    parse_history_entry,
+    parse_history_response,
+    parse_queue,
+)
 
 _CHUNK = 65_536
+#: Bodies larger than this are parsed in a thread, not on the event loop.
+THREAD_PARSE_BYTES = 256 * 1024
 _WS_HEARTBEAT_S = 30.0
 _WS_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 _WS_MAX_BACKOFF_S = 60.0
 
 log = structlog.get_logger("comfywatch.comfy")
+
+#: What a WebSocket reports: connected, a ``queue_remaining`` count, disconnected.
+SocketEvent = Literal["connected", "count", "disconnected"]
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryTail:
+    """A ``GET /history?max_items=K`` page: every id, oldest first, and the entries of
+    the ids asked for, parsed (those that could not be parsed are in ``unreadable``)."""
+
+    ids: tuple[str, ...]
+    records: Mapping[str, HistoryRecord]
+    unreadable: frozenset[str]
+
+
+def _tail_of(body: Any, wanted: Container[str] | None) -> HistoryTail:
+    """Read a history page; one bad entry never blocks the others."""
+    if not isinstance(body, dict):
+        raise ParseError(f"history: expected an object, got {type(body).__name__}")
+    ids = tuple(str(prompt_id) for prompt_id in body)
+    records: dict[str, HistoryRecord] = {}
+    unreadable: set[str] = set()
+    for prompt_id, entry in body.items():
+        if wanted is not None and prompt_id not in wanted:
+            continue
+        try:
+            records[prompt_id] = parse_history_entry(prompt_id, entry)
+        except ParseError:
+            unreadable.add(prompt_id)
+    return HistoryTail(ids, records, frozenset(unreadable))
+
+
+def loads(raw: bytes) -> Any:
+    """JSON with orjson; NaN and infinities (Python's json.dumps writes them) become null."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw, parse_constant=lambda _name: None)
 
 
 class ComfyClient:
@@ -67,19 +121,19 @@ class ComfyClient:
             await self._session.close()
             self._session = None
 
-    async def watch_queue(self, on_drain: Callable[[], None]) -> None:
-        """Call ``on_drain`` whenever ComfyUI's ``status`` broadcast shows the queue shrink.
+    async def watch(self, on_event: Callable[[SocketEvent, int | None], None]) -> None:
+        """Report each connection, every ``status`` count and each disconnection.
 
-        A prompt that finished (or was deleted) shrinks the queue, and ComfyUI broadcasts
-        the new size to every WebSocket client after writing the history entry. This is
-        only a hint to poll now: frames can stop arriving while HTTP works, so polling
-        stays the source of truth. Runs until cancelled, reconnecting with backoff, with a
-        fresh client id per connection (reusing one silently breaks delivery).
+        ComfyUI broadcasts ``queue_remaining`` to every WebSocket client on each put,
+        start, finish (after writing the history entry) and delete. Frames can stop
+        arriving while HTTP works: the poller probes the count to notice. Runs until
+        cancelled, reconnecting with backoff, with a fresh client id per connection
+        (reusing one silently breaks delivery).
         """
         failures = 0
         while True:
             try:
-                await self._watch_once(on_drain)
+                await self._watch_once(on_event)
                 failures = 0
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
                 failures += 1
@@ -88,11 +142,10 @@ class ComfyClient:
             delay = min(_WS_MAX_BACKOFF_S, 2 ** min(failures, 10))
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
 
-    async def _watch_once(self, on_drain: Callable[[], None]) -> None:
+    async def _watch_once(self, on_event: Callable[[SocketEvent, int | None], None]) -> None:
         session = self._ensure_session()
         scheme = "wss" if self.settings.url.startswith("https:") else "ws"
         url = f"{scheme}:{self.settings.url.partition(':')[2]}/ws?clientId={uuid.uuid4().hex}"
-        last: int | None = None
         async with session.ws_connect(
             url,
             heartbeat=_WS_HEARTBEAT_S,
@@ -101,15 +154,16 @@ class ComfyClient:
             autoping=True,
         ) as ws:
             log.debug("websocket_connected", server=self.name)
-            async for message in ws:
-                if message.type is not aiohttp.WSMsgType.TEXT:
-                    continue  # binary frames are previews
-                remaining = _queue_remaining(message.data)
-                if remaining is None:
-                    continue
-                if last is not None and remaining < last:
-                    on_drain()
-                last = remaining
+            on_event("connected", None)
+            try:
+                async for message in ws:
+                    if message.type is not aiohttp.WSMsgType.TEXT:
+                        continue  # binary frames are previews
+                    remaining = _queue_remaining(message.data)
+                    if remaining is not None:
+                        on_event("count", remaining)
+            finally:
+                on_event("disconnected", None)
 
     async def get_queue(self) -> QueueSnapshot:
         body = await self._get_json("/queue")
@@ -117,6 +171,31 @@ class ComfyClient:
             return parse_queue(body)
         except ParseError as exc:
             raise BadResponse(self.name, f"GET /queue: {exc}") from None
+
+    async def get_queue_remaining(self) -> int:
+        """``GET /prompt``: pending + running, in a 37-byte answer."""
+        body = await self._get_json("/prompt")
+        try:
+            value = body["exec_info"]["queue_remaining"]
+        except (KeyError, TypeError):
+            value = None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise BadResponse(self.name, "GET /prompt: no queue_remaining count")
+        return value
+
+    async def get_history_tail(
+        self, max_items: int, offset: int | None = None, wanted: Container[str] | None = None
+    ) -> HistoryTail:
+        """The ``max_items`` newest history entries (or from ``offset``, counted from the
+        oldest), oldest first; only the entries of ``wanted`` ids are parsed."""
+        path = f"/history?max_items={max_items}"
+        if offset is not None:
+            path += f"&offset={offset}"
+        body = await self._get_json(path)
+        try:
+            return _tail_of(body, wanted)
+        except ParseError as exc:
+            raise BadResponse(self.name, f"GET /history: {exc}") from None
 
     async def get_history(self, prompt_id: str) -> HistoryRecord | None:
         path = "/history/" + quote(prompt_id, safe="")
@@ -129,7 +208,9 @@ class ComfyClient:
     async def _get_json(self, path: str) -> Any:
         session = self._ensure_session()
         url = self.settings.url + path
-        route = "GET " + (path if not path.startswith("/history/") else "/history/{id}")
+        route = "GET " + path.partition("?")[0]
+        if path.startswith("/history/"):
+            route = "GET /history/{id}"
         try:
             # Redirects are not followed: ComfyUI never sends them, and following one
             # could carry the configured credential headers to another host.
@@ -147,15 +228,16 @@ class ComfyClient:
                 if response.status != 200:
                     raise BadResponse(self.name, f"{route}: HTTP {response.status}")
                 raw = await self._read_capped(response, route)
-        except (ServerAuthError, BadResponse):
+        except (ServerAuthError, BadResponse):  # ResponseTooLarge included
             raise
         except TimeoutError:
             raise ServerUnavailable(self.name, f"{route}: timed out") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ServerUnavailable(self.name, f"{route}: {describe_error(exc)}") from None
         try:
-            # NaN and infinities (Python's json.dumps writes them) become null.
-            return json.loads(raw, parse_constant=lambda _name: None)
+            if len(raw) > THREAD_PARSE_BYTES:
+                return await asyncio.to_thread(loads, raw)
+            return loads(raw)
         except (ValueError, RecursionError):
             kind = "HTML" if raw.lstrip()[:1] == b"<" else "non-JSON"
             raise BadResponse(self.name, f"{route}: {kind} body ({len(raw)} bytes)") from None
@@ -163,7 +245,7 @@ class ComfyClient:
     async def _read_capped(self, response: aiohttp.ClientResponse, route: str) -> bytes:
         cap = self.settings.max_response_bytes
         if response.content_length is not None and response.content_length > cap:
-            raise BadResponse(
+            raise ResponseTooLarge(
                 self.name, f"{route}: body of {response.content_length} bytes exceeds {cap}"
             )
         chunks: list[bytes] = []
@@ -171,7 +253,7 @@ class ComfyClient:
         async for chunk in response.content.iter_chunked(_CHUNK):
             size += len(chunk)
             if size > cap:
-                raise BadResponse(self.name, f"{route}: body exceeds {cap} bytes")
+                raise ResponseTooLarge(self.name, f"{route}: body exceeds {cap} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -179,7 +261,7 @@ class ComfyClient:
 def _queue_remaining(text: str) -> int | None:
     """``queue_remaining`` from a ``status`` message, or ``None`` for anything else."""
     try:
-        message = json.loads(text)
+        message = loads(text.encode())
     except (ValueError, RecursionError):
         return None
     if not isinstance(message, dict) or message.get("type") != "status":

@@ -75,6 +75,10 @@ class BadResponse(ServerError):
         return "bad_response"
 
 
+class ResponseTooLarge(BadResponse):
+    """The answer is larger than ``max_response_bytes`` (a huge queue, usually)."""
+
+
 class ParseError(ComfywatchError):
     """A queue or history document does not have the shape ComfyUI gives it."""
 

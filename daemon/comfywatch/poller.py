@@ -1,10 +1,13 @@
-"""One polling pass over every server: queue first, then history for prompts that left it.
+"""Watch every server and decide the tracked jobs whose observation changed or is due.
 
-``Poller.tick()`` does one round and hands every change to the store in one transaction;
-the service calls it in a loop, and hands it new settings with ``Poller.apply()``. The
-pieces: :mod:`~comfywatch.server_poll` reads one server, :mod:`~comfywatch.server_health`
-backs failing servers off and keeps the restart evidence, :func:`~comfywatch.tracking.decide`
-decides each job, :mod:`~comfywatch.recording` writes and logs the changes.
+The jobs live in memory (:mod:`~comfywatch.open_jobs`: loaded once by :meth:`Poller.load`,
+fed by :meth:`Poller.add`). Each server has a :class:`~comfywatch.watch.ServerWatch` that
+WebSocket events (:meth:`Poller.socket_event`) and poll answers move on, and that says
+which requests are due. ``Poller.tick()`` polls the servers that are due, decides what
+they showed (:func:`~comfywatch.tracking.decide`) and hands every change to the store in
+one transaction. The other pieces: :mod:`~comfywatch.server_poll` makes one server's
+requests, :mod:`~comfywatch.server_health` backs failing servers off and keeps the
+restart evidence, :mod:`~comfywatch.recording` writes and logs the changes.
 """
 
 from __future__ import annotations
@@ -15,33 +18,26 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
 import structlog
 
-from comfywatch.comfy import ComfyClient
+from comfywatch.comfy import ComfyClient, SocketEvent
 from comfywatch.config import HookSettings, ServerSettings
-from comfywatch.errors import ServerError
+from comfywatch.errors import ServerError, StoreError
 from comfywatch.metrics import Metrics
+from comfywatch.open_jobs import OpenJob, OpenJobs, deadline_of
 from comfywatch.recording import Recorder
 from comfywatch.server_health import MAX_BACKOFF_S, ServerHealth, ServerHealthBook
 from comfywatch.server_poll import ServerPoll, poll_server
 from comfywatch.states import JobState
 from comfywatch.store import ActiveJob, Store
-from comfywatch.tracking import Decision, JobView, Policy, Seen, decide
+from comfywatch.tracking import Decision, Policy, Seen, decide
+from comfywatch.watch import ServerWatch
 
 log = structlog.get_logger("comfywatch.poller")
 
-#: One server's poll: each of its jobs with its decision (``None``: the server failed).
+#: One server's poll: each job it showed something about, with its decision.
 Decisions = list[tuple[ActiveJob, Decision]]
-
-
-@dataclass
-class JobMemory:
-    """Per-job facts that need not survive a restart (re-learnt within two polls)."""
-
-    last_seen_at_s: float | None = None
-    absent_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,12 +49,8 @@ class TickReport:
     servers_failed: int
 
 
-def _ts(value: datetime | None) -> float | None:
-    return value.timestamp() if value is not None else None
-
-
 class Poller:
-    """Polls every configured server once per ``tick()``."""
+    """Watches every configured server; ``tick()`` polls those that are due."""
 
     def __init__(
         self,
@@ -70,6 +62,7 @@ class Poller:
         poll_interval_s: float,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         max_backoff_s: float = MAX_BACKOFF_S,
         on_poll_done: Callable[[str], None] | None = None,
     ) -> None:
@@ -77,12 +70,18 @@ class Poller:
         tick's budget finishes (so that its result is recorded soon)."""
         self._store = store
         self._clock = clock
+        self._monotonic = monotonic
         self._metrics = metrics
         self._on_poll_done = on_poll_done
         self._health = ServerHealthBook(metrics=metrics, max_backoff_s=max_backoff_s)
         self._recorder = Recorder(store=store, metrics=metrics)
         self._clients: dict[str, ComfyClient] = {}
-        self._memory: dict[int, JobMemory] = {}
+        self._watches: dict[str, ServerWatch] = {}
+        self._open = OpenJobs()
+        self._loaded = False
+        self._due: defaultdict[str, set[int]] = defaultdict(set)
+        #: Per server, prompts whose history entry could not be read: asked again.
+        self._recheck: defaultdict[str, set[str]] = defaultdict(set)
         self._warned_unknown: set[str] = set()
         self._inflight: dict[str, asyncio.Task[Decisions | None]] = {}
         self._late: set[str] = set()
@@ -110,6 +109,7 @@ class Poller:
         for name, client in list(self._clients.items()):
             if servers.get(name) != client.settings:
                 stale.append(self._clients.pop(name))
+                self._watches.pop(name, None)  # a new server: look at everything again
         for name, settings in servers.items():
             if name not in self._clients:
                 self._clients[name] = ComfyClient(settings)
@@ -117,6 +117,11 @@ class Poller:
         self._hook_states = {name: hook.on for name, hook in hooks.items()}
         self._not_found_after_s = not_found_after_s
         self._poll_interval_s = poll_interval_s
+        for name, watch in self._watches.items():
+            watch.poll_interval_s = poll_interval_s
+            watch.queue_refresh_s = servers[name].queue_refresh_s
+        for open_job in self._open:
+            self._schedule(open_job, after_decision=False)
         return stale
 
     def clients(self) -> Mapping[str, ComfyClient]:
@@ -124,6 +129,89 @@ class Poller:
 
     def health(self) -> Mapping[str, ServerHealth]:
         return self._health.of_all(self._servers)
+
+    @property
+    def tracked_count(self) -> int:
+        return len(self._open)
+
+    # -- jobs in and socket events ------------------------------------------------------
+
+    async def load(self) -> int:
+        """Load the non-terminal jobs from the store (once, at start); returns how many."""
+        if not self._loaded:
+            self._loaded = True
+            self.add(await self._store.active_jobs())
+        return len(self._open)
+
+    def add(self, jobs: Sequence[ActiveJob]) -> int:
+        """Track jobs the store just registered (those known take their new hooks);
+        returns how many were new."""
+        added = 0
+        now_m = self._monotonic()
+        for job in jobs:
+            had_jobs = bool(self._open.on(job.server))
+            if not self._open.add(job):
+                continue
+            added += 1
+            open_job = self._open.get(job.id)
+            assert open_job is not None
+            self._schedule(open_job, after_decision=False)
+            if job.server in self._servers:
+                watch = self._watch(job.server)
+                if not had_jobs:
+                    watch.forget_history()  # nothing was watched here: start afresh
+                watch.registered(now_m)
+        return added
+
+    def socket_event(self, server: str, kind: SocketEvent, remaining: int | None) -> bool:
+        """A WebSocket event of ``server``; True when the server should be polled soon."""
+        if server not in self._servers:
+            return False
+        watch = self._watch(server)
+        if kind == "connected":
+            watch.socket_connected(self._monotonic())
+        elif kind == "disconnected":
+            watch.socket_disconnected(self._monotonic())
+        elif remaining is not None:
+            watch.socket_count(remaining)
+        if not self._open.on(server):
+            return False
+        return watch.need_tail or watch.need_queue is not None
+
+    def stalled_sockets(self) -> list[str]:
+        """Servers whose socket is open but silent: close and reconnect them."""
+        return [name for name, watch in self._watches.items() if watch.stalled]
+
+    def _watch(self, server: str) -> ServerWatch:
+        watch = self._watches.get(server)
+        if watch is None:
+            watch = ServerWatch(
+                poll_interval_s=self._poll_interval_s,
+                queue_refresh_s=self._servers[server].queue_refresh_s,
+            )
+            self._watches[server] = watch
+        return watch
+
+    def _policy(self, server: str) -> Policy:
+        settings = self._servers.get(server)
+        return Policy(
+            not_found_after_s=self._not_found_after_s,
+            queue_timeout_s=settings.queue_timeout_s if settings else None,
+            run_timeout_s=settings.run_timeout_s if settings else None,
+        )
+
+    def _schedule(self, open_job: OpenJob, *, after_decision: bool) -> None:
+        """Put the job's next deadline in the heap. One that already passed but left the
+        job waiting (an absence to confirm, an unreadable queue) is tried again later."""
+        server = open_job.job.server
+        at_s = deadline_of(open_job.view(), self._policy(server))
+        now_s = self._clock()
+        if at_s is not None and after_decision and at_s <= now_s:
+            settings = self._servers.get(server)
+            at_s = now_s + (settings.queue_refresh_s if settings else 60.0)
+        self._open.schedule(open_job.job.id, at_s)
+
+    # -- the tick -----------------------------------------------------------------------
 
     async def close(self) -> None:
         inflight = list(self._inflight.values())
@@ -141,42 +229,48 @@ class Poller:
     async def tick(
         self, only: Collection[str] | None = None, *, budget_s: float | None = None
     ) -> TickReport:
-        """One round over every server that is due (or only those named); all writes in
-        one transaction.
+        """One round over every server that is due (or only those named: a hint, not the
+        poll interval); all writes in one transaction.
 
         With ``budget_s``, the tick waits that long at most: a server slower than that
         (a hung host, a slow drip) keeps its poll running in the background, and its
         result is recorded by a later tick, so it never holds the other servers back.
         Without it (tests, ``--once`` style use) every poll is awaited.
         """
+        await self.load()
         now_s = self._clock()
-        jobs = await self._store.active_jobs()
-        self._start_polls(jobs, now_s, only)
+        for server, job_ids in self._open.due(now_s).items():
+            self._due[server] |= job_ids
+            if server in self._servers:
+                self._watch(server).want_queue("deadline")
+        self._start_polls(now_s, only)
         if self._inflight:
             await asyncio.wait(set(self._inflight.values()), timeout=budget_s)
         decisions, polled, failed = self._collect_polls()
-        recorded = await self._recorder.record(decisions, now_s, self._hook_states)
-        self._remember(decisions, live={job.id for job in jobs})
+        try:
+            recorded = await self._recorder.record(decisions, now_s, self._hook_states)
+        except StoreError:
+            # Memory stays as it was; what the polls consumed is looked at again.
+            for server in {job.server for job, _ in decisions}:
+                self._watches[server].resync()
+            raise
+        self._remember(decisions, recorded.applied)
         return TickReport(
-            active=len(jobs) - recorded.finished,
+            active=len(self._open),
             changed=recorded.changed,
             finished=recorded.finished,
             servers_polled=polled,
             servers_failed=failed,
         )
 
-    def _start_polls(
-        self, jobs: Sequence[ActiveJob], now_s: float, only: Collection[str] | None
-    ) -> None:
+    def _start_polls(self, now_s: float, only: Collection[str] | None) -> None:
         """Start a poll of each server that has jobs, is due and is not being polled."""
-        by_server: dict[str, list[ActiveJob]] = defaultdict(list)
-        for job in jobs:
-            by_server[job.server].append(job)
-        for server, server_jobs in by_server.items():
+        for server in self._open.servers():
             if server not in self._clients:
                 if server not in self._warned_unknown:
                     self._warned_unknown.add(server)
-                    log.warning("server_not_configured", server=server, jobs=len(server_jobs))
+                    count = len(self._open.on(server))
+                    log.warning("server_not_configured", server=server, jobs=count)
                 continue
             if (
                 server in self._inflight
@@ -185,7 +279,7 @@ class Poller:
             ):
                 continue
             task = asyncio.create_task(
-                self._poll_server(server, server_jobs, now_s), name=f"poll-{server}"
+                self._poll_server(server, now_s, interval=only is None), name=f"poll-{server}"
             )
             task.add_done_callback(functools.partial(self._poll_done, server))
             self._inflight[server] = task
@@ -209,33 +303,45 @@ class Poller:
             decisions.extend(result)
         return decisions, polled, failed
 
-    def _remember(self, decisions: Decisions, live: Collection[int]) -> None:
-        """Keep what the decisions learnt about jobs still active; forget the rest."""
+    def _remember(self, decisions: Decisions, applied: Collection[int]) -> None:
+        """Carry what was committed into memory; terminal jobs leave it."""
         for job, decision in decisions:
-            if decision.state.terminal:
-                self._memory.pop(job.id, None)
-            else:
-                self._memory[job.id] = JobMemory(decision.last_seen_at_s, decision.absent_count)
-        for job_id in [k for k in self._memory if k not in live]:
-            del self._memory[job_id]
+            changed = decision.state is not job.state
+            if decision.state.terminal or (changed and job.id not in applied):
+                self._open.remove(job.id)  # finished (or already so in the database)
+                continue
+            open_job = self._open.get(job.id)
+            if open_job is None:
+                continue
+            self._open.update(job.id, decision)
+            self._schedule(open_job, after_decision=True)
 
     def _poll_done(self, server: str, task: asyncio.Task[Decisions | None]) -> None:
         if server in self._late and not task.cancelled() and self._on_poll_done is not None:
             self._on_poll_done(server)
 
-    async def _poll_server(
-        self, server: str, jobs: Sequence[ActiveJob], now_s: float
-    ) -> Decisions | None:
-        """Poll one server and decide each of its jobs; ``None`` if the server failed."""
+    async def _poll_server(self, server: str, now_s: float, *, interval: bool) -> Decisions | None:
+        """Poll one server and decide what it showed; ``None`` if the server failed."""
         client = self._clients[server]
+        watch = self._watch(server)
         started = time.monotonic()
         try:
-            polled = await poll_server(client, [job.prompt_id for job in jobs])
+            polled = await poll_server(
+                client,
+                watch,
+                self._open.on(server).keys(),
+                functools.partial(self._open.tracked, server),
+                self._monotonic(),
+                interval=interval,
+                recheck=frozenset(self._recheck[server] & self._open.on(server).keys()),
+            )
         except ServerError as exc:
+            watch.failed()
             self._health.failed(server, exc, now_s, poll_interval_s=self._poll_interval_s)
             return None
         except Exception as exc:
             # A bug met on this server's data must not stop tracking everywhere else.
+            watch.failed()
             if self._health.of(server).error_kind != "error":  # the traceback once per episode
                 log.exception("poll_failed_unexpectedly", server=server)
             error = ServerError(server, repr(exc)[:300])
@@ -246,9 +352,14 @@ class Poller:
                 self._metrics.poll_latency(server, time.monotonic() - started)
         self._health.succeeded(server, polled.queue, now_s)
         self._report_unreadable(server, polled)
-        return self._decide_jobs(server, client.settings, jobs, polled, now_s)
+        recheck = self._recheck[server]
+        recheck.difference_update(polled.histories)
+        recheck.update(polled.unreadable)
+        return self._decide_jobs(server, watch, polled, now_s)
 
     def _report_unreadable(self, server: str, polled: ServerPoll) -> None:
+        if polled.queue_too_large:
+            log.warning("queue_too_large", server=server)
         if not polled.unreadable:
             return
         for prompt_id in sorted(polled.unreadable):
@@ -258,40 +369,42 @@ class Poller:
             self._metrics.poll(server, "bad_response")
 
     def _decide_jobs(
-        self,
-        server: str,
-        settings: ServerSettings,
-        jobs: Sequence[ActiveJob],
-        polled: ServerPoll,
-        now_s: float,
+        self, server: str, watch: ServerWatch, polled: ServerPoll, now_s: float
     ) -> Decisions:
-        """Each job's decision from what the poll showed."""
-        policy = Policy(
-            not_found_after_s=self._not_found_after_s,
-            queue_timeout_s=settings.queue_timeout_s,
-            run_timeout_s=settings.run_timeout_s,
-        )
+        """The decision of each job the poll showed something about, or whose deadline
+        passed."""
+        policy = self._policy(server)
         suspected_at_s = self._health.of(server).restart.suspected_at_s
+        jobs = self._open.on(server)
+        due = self._due.pop(server, set())
+        if polled.queue is not None:
+            shown = list(jobs.values())
+        else:
+            shown = [jobs[p] for p in polled.histories.keys() | polled.unreadable if p in jobs]
+            ids = {open_job.job.id for open_job in shown}
+            shown += [o for i in due if i not in ids and (o := self._open.get(i)) is not None]
         decisions: Decisions = []
-        for job in jobs:
-            seen = Seen(
-                running=job.prompt_id in polled.queue.running,
-                pending=job.prompt_id in polled.queue.pending,
-                history=polled.histories.get(job.prompt_id),
-                restart_suspected_at_s=suspected_at_s,
-                unreadable=job.prompt_id in polled.unreadable,
-            )
-            decisions.append((job, decide(self._view(job), seen, now_s, policy)))
+        confirm = False
+        for open_job in shown:
+            seen = _seen(open_job.job.prompt_id, polled, suspected_at_s)
+            decision = decide(open_job.view(), seen, now_s, policy)
+            decisions.append((open_job.job, decision))
+            confirm |= not decision.state.terminal and decision.absent_count == 1
+        if confirm:
+            watch.want_queue("confirm absence")  # gone only once seen absent twice
         return decisions
 
-    def _view(self, job: ActiveJob) -> JobView:
-        """What the tracker knows of a job: the database's facts and this process's."""
-        memory = self._memory.get(job.id, JobMemory())
-        return JobView(
-            state=job.state,
-            registered_at_s=job.registered_at.timestamp(),
-            queued_at_s=_ts(job.queued_at),
-            started_at_s=_ts(job.started_at),
-            last_seen_at_s=memory.last_seen_at_s,
-            absent_count=memory.absent_count,
-        )
+
+def _seen(prompt_id: str, polled: ServerPoll, suspected_at_s: float | None) -> Seen:
+    """What a poll showed about one prompt (nothing but the deadlines if it was not shown)."""
+    history = polled.histories.get(prompt_id)
+    if history is not None:
+        return Seen(history=history, restart_suspected_at_s=suspected_at_s)
+    queue = polled.queue
+    if prompt_id in polled.unreadable or queue is None:
+        return Seen(unreadable=True, restart_suspected_at_s=suspected_at_s)
+    return Seen(
+        running=prompt_id in queue.running,
+        pending=prompt_id in queue.pending,
+        restart_suspected_at_s=suspected_at_s,
+    )

@@ -27,6 +27,8 @@ class Recorded:
 
     changed: int
     finished: int
+    #: The ids of the jobs whose change was committed.
+    applied: frozenset[int] = frozenset()
 
 
 class Recorder:
@@ -55,7 +57,7 @@ class Recorder:
         for job, decision in decisions:
             if job.id in applied:
                 finished += self._log_change(job, decision, now_s)
-        return Recorded(changed=len(applied), finished=finished)
+        return Recorded(changed=len(applied), finished=finished, applied=frozenset(applied))
 
     async def wait(self) -> None:
         """Wait for a commit in flight (one whose tick was cancelled) to end."""

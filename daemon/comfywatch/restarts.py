@@ -54,6 +54,19 @@ def infer_restart(
     """Fold one poll into the evidence; ``queue`` is ``None`` when the poll failed."""
     if queue is None:
         return RestartInference(replace(evidence, outage=True))
+    return _with_queue(evidence, queue, now_s)
+
+
+def answered(evidence: RestartEvidence, now_s: float) -> RestartInference:
+    """Fold in a poll that succeeded without reading the queue: only an outage's end."""
+    if not evidence.outage:
+        return RestartInference(evidence)
+    return RestartInference(
+        replace(evidence, outage=False, suspected_at_s=now_s), (RestartSign.OUTAGE,)
+    )
+
+
+def _with_queue(evidence: RestartEvidence, queue: QueueSnapshot, now_s: float) -> RestartInference:
     why: list[RestartSign] = []
     if evidence.outage:
         why.append(RestartSign.OUTAGE)

@@ -18,7 +18,7 @@ import structlog
 from comfywatch.errors import ServerAuthError, ServerError
 from comfywatch.history import QueueSnapshot
 from comfywatch.metrics import Metrics
-from comfywatch.restarts import RestartEvidence, RestartSign, infer_restart
+from comfywatch.restarts import RestartEvidence, RestartSign, answered, infer_restart
 
 log = structlog.get_logger("comfywatch.poller")
 
@@ -64,7 +64,8 @@ class ServerHealthBook:
         """Whether the server may be polled now (it is not being backed off)."""
         return self._health[server].next_poll_at_s <= now_s
 
-    def succeeded(self, server: str, queue: QueueSnapshot, now_s: float) -> None:
+    def succeeded(self, server: str, queue: QueueSnapshot | None, now_s: float) -> None:
+        """A poll succeeded; ``queue``: the queue it read, if it read one."""
         health = self._health[server]
         if health.up is False:
             log.info(
@@ -73,7 +74,10 @@ class ServerHealthBook:
                 down_for_s=round(now_s - (health.down_since_s or now_s), 3),
                 failures=health.failures,
             )
-        inference = infer_restart(health.restart, queue, now_s)
+        if queue is None:
+            inference = answered(health.restart, now_s)
+        else:
+            inference = infer_restart(health.restart, queue, now_s)
         for sign in inference.why:
             if sign is not RestartSign.OUTAGE:  # an outage's end is logged just above
                 log.info("server_restart_detected", server=server, evidence=sign.value)

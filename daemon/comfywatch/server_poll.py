@@ -1,40 +1,124 @@
-"""One server's poll: ``GET /queue``, then ``GET /history/{id}`` for the tracked prompts
-that are not in the queue (at most ``max_history_fetches`` at a time).
+"""One server's poll: the requests its :class:`~comfywatch.watch.ServerWatch` says are due.
 
-What the server showed comes back as a :class:`ServerPoll`; a failure of the server as a
-whole raises :class:`~comfywatch.errors.ServerError`.
+In order: ``GET /prompt`` (the count), ``GET /history?max_items=K`` (the tail, grown until
+it overlaps what was seen before), ``GET /queue`` (only when the watch asks for it), then
+the history of the tracked prompts the queue no longer shows: ``GET /history/{id}`` when
+few, pages of ``GET /history`` when many. What the server showed comes back as a
+:class:`ServerPoll`; a failure of the server as a whole raises
+:class:`~comfywatch.errors.ServerError`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from comfywatch.comfy import ComfyClient
-from comfywatch.errors import BadResponse
+from comfywatch.errors import BadResponse, ResponseTooLarge
 from comfywatch.history import HistoryRecord, QueueSnapshot
+from comfywatch.watch import ServerWatch, Tracked
+
+#: What the poller tracks on the server, asked again after each answer.
+TrackedNow = Callable[[], Tracked]
+
+#: Entries per page when many prompts must be looked for in the whole history.
+HISTORY_PAGE = 256
+#: More absent prompts than max_history_fetches times this: page the history instead.
+PER_ID_FACTOR = 4
 
 
 @dataclass(frozen=True, slots=True)
 class ServerPoll:
     """What one successful poll of a server showed about the tracked prompts."""
 
-    queue: QueueSnapshot
-    #: Per prompt not in the queue whose history was read: its entry (``None``: none).
-    histories: Mapping[str, HistoryRecord | None]
-    #: Prompts not in the queue whose history entry could not be read this time.
-    unreadable: frozenset[str]
+    #: The queue, when it was read (``None``: not asked, or too large to read).
+    queue: QueueSnapshot | None = None
+    queue_too_large: bool = False
+    #: Per prompt looked for: its history entry (``None``: looked for, none there).
+    histories: Mapping[str, HistoryRecord | None] = field(default_factory=dict)
+    #: Prompts whose history entry could not be read this time.
+    unreadable: frozenset[str] = frozenset()
+    #: The requests made, per kind (``probe``, ``tail``, ``queue``, ``history``, ``page``).
+    requests: Mapping[str, int] = field(default_factory=dict)
 
 
-async def poll_server(client: ComfyClient, prompt_ids: Collection[str]) -> ServerPoll:
-    """Read the queue, then the history of each of ``prompt_ids`` that left it.
+@dataclass
+class _Found:
+    histories: dict[str, HistoryRecord | None] = field(default_factory=dict)
+    unreadable: set[str] = field(default_factory=set)
+    requests: dict[str, int] = field(default_factory=dict)
 
-    One unreadable history entry does not fail the poll: it is reported in ``unreadable``.
-    """
-    queue = await client.get_queue()
-    waiting = [pid for pid in prompt_ids if pid not in queue.running | queue.pending]
+    def count(self, kind: str, n: int = 1) -> None:
+        self.requests[kind] = self.requests.get(kind, 0) + n
+
+
+async def poll_server(
+    client: ComfyClient,
+    watch: ServerWatch,
+    prompt_ids: Collection[str],
+    tracked: TrackedNow,
+    now_s: float,
+    *,
+    interval: bool,
+    recheck: Collection[str] = (),
+) -> ServerPoll:
+    """Make the requests the watch says are due, feeding it each answer. ``recheck``:
+    prompts whose entry could not be read before, asked again at each poll interval."""
+    found = _Found()
+    plan = watch.plan(now_s, tracked(), interval=interval)
+    if plan.probe and (watch.socket_up or not plan.queue):
+        found.count("probe")
+        watch.probed(await client.get_queue_remaining(), now_s)
+        plan = watch.plan(now_s, tracked(), interval=interval)
+    if plan.tail is not None:
+        await _read_tail(client, watch, prompt_ids, tracked, plan.tail, found)
+        plan = watch.plan(now_s, tracked(), interval=interval)
+    if interval and recheck:
+        await _fetch_each(client, [p for p in recheck if p not in found.histories], found)
+    if not plan.queue:
+        return ServerPoll(None, False, found.histories, frozenset(found.unreadable), found.requests)
+    found.count("queue")
+    try:
+        queue = await client.get_queue()
+    except ResponseTooLarge:
+        watch.queue_read(None, now_s)
+        return ServerPoll(None, True, found.histories, frozenset(found.unreadable), found.requests)
+    watch.queue_read(len(queue.running | queue.pending), now_s)
+    in_queue = queue.running | queue.pending
+    absent = [pid for pid in prompt_ids if pid not in in_queue and pid not in found.histories]
+    absent = [pid for pid in absent if pid not in found.unreadable]
+    if len(absent) <= client.settings.max_history_fetches * PER_ID_FACTOR:
+        await _fetch_each(client, absent, found)
+    else:
+        await _page_history(client, set(absent), found)
+    return ServerPoll(queue, False, found.histories, frozenset(found.unreadable), found.requests)
+
+
+async def _read_tail(
+    client: ComfyClient,
+    watch: ServerWatch,
+    prompt_ids: Collection[str],
+    tracked: TrackedNow,
+    asked: int,
+    found: _Found,
+) -> None:
+    """Read the newest entries, more each time until they overlap the ones seen before."""
+    while True:
+        drops = watch.drops
+        found.count("tail")
+        tail = await client.get_history_tail(asked, wanted=prompt_ids)
+        found.histories.update(tail.records)
+        found.unreadable |= tail.unreadable
+        verdict = watch.tail_read(tail.ids, asked, tracked(), drops_asked=drops)
+        if verdict.grow_to is None:
+            return
+        asked = verdict.grow_to
+
+
+async def _fetch_each(client: ComfyClient, prompt_ids: Sequence[str], found: _Found) -> None:
+    """``GET /history/{id}`` for each (at most ``max_history_fetches`` at a time)."""
     limit = asyncio.Semaphore(client.settings.max_history_fetches)
 
     async def fetch(prompt_id: str) -> HistoryRecord | BadResponse | None:
@@ -44,15 +128,30 @@ async def poll_server(client: ComfyClient, prompt_ids: Collection[str]) -> Serve
             except BadResponse as exc:
                 return exc  # one bad entry must not stall the rest of the server
 
-    fetched = await _gather_or_cancel([fetch(pid) for pid in waiting])
-    histories: dict[str, HistoryRecord | None] = {}
-    unreadable: set[str] = set()
-    for prompt_id, history in zip(waiting, fetched, strict=True):
+    fetched = await _gather_or_cancel([fetch(pid) for pid in prompt_ids])
+    found.count("history", len(prompt_ids))
+    for prompt_id, history in zip(prompt_ids, fetched, strict=True):
         if isinstance(history, BadResponse):
-            unreadable.add(prompt_id)
+            found.unreadable.add(prompt_id)
         else:
-            histories[prompt_id] = history
-    return ServerPoll(queue=queue, histories=histories, unreadable=frozenset(unreadable))
+            found.histories[prompt_id] = history
+
+
+async def _page_history(client: ComfyClient, wanted: set[str], found: _Found) -> None:
+    """Page through the whole history, oldest first, until every wanted prompt is found."""
+    missing = set(wanted)
+    offset = 0
+    while missing:
+        found.count("page")
+        page = await client.get_history_tail(HISTORY_PAGE, offset=offset, wanted=wanted)
+        found.histories.update(page.records)
+        found.unreadable |= page.unreadable
+        missing -= page.records.keys() | page.unreadable
+        if len(page.ids) < HISTORY_PAGE:
+            break
+        offset += len(page.ids)
+    for prompt_id in missing:
+        found.histories[prompt_id] = None
 
 
 async def _gather_or_cancel(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from comfywatch.comfy import SocketEvent
 from comfywatch.config import Settings, config_fingerprint, load_settings
 from comfywatch.errors import ConfigError, StoreError
 from comfywatch.hooks import HookDispatcher
@@ -21,7 +22,7 @@ from comfywatch.housekeeping import Housekeeping
 from comfywatch.metrics import Metrics
 from comfywatch.notify import SystemdNotifier
 from comfywatch.poller import Poller
-from comfywatch.store import NewJob, Store
+from comfywatch.store import ActiveJob, NewJob, Store
 from comfywatch.watchers import QueueWatchers
 
 log = structlog.get_logger("comfywatch.service")
@@ -91,7 +92,7 @@ class Daemon:
         self._reload_event = asyncio.Event()
         self._wake = asyncio.Event()
         self._hinted: set[str] = set()
-        self._watchers = QueueWatchers(self.hint)
+        self._watchers = QueueWatchers(self._socket_event)
         self._housekeeping = Housekeeping(store=store, metrics=self.metrics)
         # Taken before the files were read, so an edit made during a load is not missed.
         self._fingerprint = settings.fingerprint
@@ -140,7 +141,7 @@ class Daemon:
         added = await self.store.register(new_jobs(self.settings), self._clock())
         # STATUS= goes out with READY=1: counts from the database, not zeros. No server has
         # failed a poll yet (ticks count a server as up until one does).
-        self.status.active_jobs = len(await self.store.active_jobs())
+        self.status.active_jobs = await self.poller.load()
         self.status.pending_deliveries = await self.store.pending_delivery_count()
         self.status.servers_up = len(self.settings.servers)
         log.info(
@@ -148,7 +149,7 @@ class Daemon:
             config=str(self.settings.path),
             servers=sorted(self.settings.servers),
             jobs_configured=len(self.settings.jobs),
-            jobs_added=added,
+            jobs_added=len(added),
         )
 
     async def reload(self, *, why: str) -> bool:
@@ -186,11 +187,20 @@ class Daemon:
             await client.close()
         self.dispatcher.configure(hooks=settings.hooks)
         self.settings = settings
+        new = self._registered(added)
         if self.status.ready:
             self._watchers.start(self.poller.clients())
         self.status.servers_total = len(settings.servers)
-        log.info("config_reloaded", why=why, jobs_configured=len(settings.jobs), jobs_added=added)
+        log.info("config_reloaded", why=why, jobs_configured=len(settings.jobs), jobs_added=new)
         return True
+
+    def _registered(self, rows: list[ActiveJob]) -> int:
+        """Hand jobs the store just registered (or refreshed) to the poller, and poll
+        their servers soon; returns how many are new to it."""
+        new = self.poller.add(rows)
+        for server in {row.server for row in rows}:
+            self.hint(server)
+        return new
 
     def _config_changed(self) -> bool:
         return config_fingerprint(self.settings) != self._fingerprint
@@ -219,6 +229,7 @@ class Daemon:
                     next_full_s = time.monotonic() + self.settings.daemon.poll_interval_s
                 self._hinted.clear()  # hints from before the tick are served by it
                 retry_s = await self._one_tick(only)
+                self._reconnect_stalled()
                 if retry_s is not None:
                     next_full_s = time.monotonic() + retry_s
                 if self.stop_event.is_set():
@@ -340,6 +351,16 @@ class Daemon:
         return min(HINT_GAP_S, self.settings.daemon.poll_interval_s)
 
     # -- push hints ---------------------------------------------------------------------
+
+    def _socket_event(self, server: str, kind: SocketEvent, remaining: int | None) -> None:
+        if self.poller.socket_event(server, kind, remaining):
+            self.hint(server)
+
+    def _reconnect_stalled(self) -> None:
+        clients = self.poller.clients()
+        for server in self.poller.stalled_sockets():
+            log.warning("websocket_stalled", server=server)
+            self._watchers.reconnect(server, clients[server])
 
     def hint(self, server: str) -> None:
         """``server``'s queue shrank: poll it soon rather than at the next full tick."""

@@ -1,7 +1,8 @@
-"""WebSocket watchers: one task per server that enables it, each a hint to poll it now.
+"""WebSocket watchers: one task per server that enables it, reporting every event.
 
-Polling stays the source of truth; a watcher only shortens the time to notice a finished
-prompt. A watcher that dies stops the daemon loudly (see :meth:`QueueWatchers.check`).
+Each connection, ``status`` count and disconnection goes to ``on_event(server, kind,
+remaining)`` (the poller's watch state of that server). A watcher that dies stops the
+daemon loudly (see :meth:`QueueWatchers.check`); a stalled one is restarted.
 """
 
 from __future__ import annotations
@@ -10,24 +11,35 @@ import asyncio
 import functools
 from collections.abc import Callable, Mapping
 
-from comfywatch.comfy import ComfyClient
+from comfywatch.comfy import ComfyClient, SocketEvent
+
+OnEvent = Callable[[str, SocketEvent, int | None], None]
 
 
 class QueueWatchers:
-    """Runs ``client.watch_queue`` for each server with ``websocket`` on; calls
-    ``hint(server)`` whenever one sees that server's queue shrink."""
+    """Runs ``client.watch`` for each server with ``websocket`` on."""
 
-    def __init__(self, hint: Callable[[str], None]) -> None:
-        self._hint = hint
+    def __init__(self, on_event: OnEvent) -> None:
+        self._on_event = on_event
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def start(self, clients: Mapping[str, ComfyClient]) -> None:
         for name, client in clients.items():
             if client.settings.websocket:
-                self._tasks[name] = asyncio.create_task(
-                    client.watch_queue(functools.partial(self._hint, name)),
-                    name=f"watch-{name}",
-                )
+                self._start(name, client)
+
+    def _start(self, name: str, client: ComfyClient) -> None:
+        self._tasks[name] = asyncio.create_task(
+            client.watch(functools.partial(self._on_event, name)), name=f"watch-{name}"
+        )
+
+    def reconnect(self, name: str, client: ComfyClient) -> None:
+        """Close a (stalled) socket and open a new one, with a fresh client id."""
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+        self._on_event(name, "disconnected", None)
+        self._start(name, client)
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())

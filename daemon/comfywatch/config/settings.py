@@ -73,6 +73,9 @@ class ServerSettings(Table):
     #: Listen on ComfyUI's WebSocket for queue changes and poll at once (polling stays
     #: the source of truth; this only shortens the time to notice a finished prompt).
     websocket: bool = True
+    #: The longest between two reads of the whole queue while tracked jobs wait in it
+    #: (``running`` and ``run_timeout_s`` may lag by this much; see README).
+    queue_refresh_s: PositiveS = 300.0
 
 
 class WebhookHookSettings(Table):

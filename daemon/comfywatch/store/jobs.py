@@ -39,38 +39,55 @@ _ACTIVE = list(ACTIVE_STATES)
 class JobQueries(Database):
     """Registering, tracking and reading jobs."""
 
-    async def register(self, jobs: Iterable[NewJob], now_s: float) -> int:
-        """Insert jobs not yet known; refresh labels and hooks of known non-terminal ones."""
+    async def register(self, jobs: Iterable[NewJob], now_s: float) -> list[ActiveJob]:
+        """Insert jobs not yet known; refresh labels and hooks of known non-terminal ones.
+
+        Returns the rows it inserted and the non-terminal ones it refreshed, as they are
+        now (for the poller, which keeps the tracked jobs in memory).
+        """
         wanted = {(j.server, j.prompt_id): j for j in jobs}
         if not wanted:
-            return 0
+            return []
         now = utc(now_s)
-        added = 0
+        touched: list[Job] = []
         async with self._session() as session:
             existing = await _existing_jobs(session, wanted)
             for key, spec in wanted.items():
                 row = existing.get(key)
                 if row is None:
-                    session.add(
-                        Job(
-                            server=spec.server,
-                            prompt_id=spec.prompt_id,
-                            state=JobState.REGISTERED,
-                            labels=dict(spec.labels),
-                            hooks=list(spec.hooks),
-                            source=spec.source,
-                            registered_at=now,
-                            updated_at=now,
-                        )
+                    row = Job(
+                        server=spec.server,
+                        prompt_id=spec.prompt_id,
+                        state=JobState.REGISTERED,
+                        labels=dict(spec.labels),
+                        hooks=list(spec.hooks),
+                        source=spec.source,
+                        registered_at=now,
+                        updated_at=now,
                     )
-                    added += 1
+                    session.add(row)
+                    touched.append(row)
                 elif row.state in ACTIVE_STATES and (
                     row.labels != dict(spec.labels) or row.hooks != list(spec.hooks)
                 ):
                     row.labels = dict(spec.labels)
                     row.hooks = list(spec.hooks)
                     row.updated_at = now
-        return added
+                    touched.append(row)
+            await session.flush()  # the new rows' ids
+            return [
+                ActiveJob(
+                    id=row.id,
+                    server=row.server,
+                    prompt_id=row.prompt_id,
+                    state=row.state,
+                    registered_at=row.registered_at,
+                    queued_at=row.queued_at,
+                    started_at=row.started_at,
+                    hooks=tuple(str(h) for h in (row.hooks or [])),
+                )
+                for row in touched
+            ]
 
     async def active_jobs(self) -> list[ActiveJob]:
         async with self._session() as session:
