@@ -172,6 +172,10 @@ class FakeProcess:
         """Undo :meth:`pause`."""
         self._model.resume()
 
+    def mute_sockets(self, muted: bool = True) -> None:
+        """Keep WebSocket connections open but send no more frames (a stall)."""
+        self._sockets.mute(muted)
+
     def hold_running(self) -> None:
         """A stuck worker: the running prompt (or the next to start) never ends.
 

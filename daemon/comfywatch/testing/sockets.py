@@ -47,6 +47,7 @@ class Broadcaster:
         self._queue_remaining = queue_remaining
         self._on_sent = on_sent
         self._sockets: dict[str, _Socket] = {}
+        self._muted = False
         self._outbox: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -68,13 +69,23 @@ class Broadcaster:
             task.cancel()
             await asyncio.wait([task])
 
+    def mute(self, muted: bool = True) -> None:
+        """Stop (or resume) sending frames while every connection stays open: a stalled
+        socket, as happens when a proxy or the server's event loop wedges."""
+        self._muted = muted
+
     def forget_sockets(self) -> None:
         """The listener went away with every connection."""
         self._sockets.clear()
 
     def emit(self, event: str, data: JSON, sid: str | None, *, broadcast: bool = False) -> None:
         """Queue a message: to ``sid``, or to everyone if there is none and ``broadcast``."""
-        if self._task is None or not self._sockets or (sid is None and not broadcast):
+        if (
+            self._task is None
+            or not self._sockets
+            or self._muted
+            or (sid is None and not broadcast)
+        ):
             return
         self._outbox.put_nowait((json.dumps({"type": event, "data": data}), sid))
 
