@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, insert, select, update
+from sqlalchemy import Select, Table, bindparam, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
@@ -38,6 +38,9 @@ from comfywatch.store.values import (
 )
 
 _ACTIVE = list(ACTIVE_STATES)
+_JOBS: Table = Job.__table__  # type: ignore[assignment]
+_OUTPUTS: Table = JobOutput.__table__  # type: ignore[assignment]
+_DELIVERIES: Table = HookDelivery.__table__  # type: ignore[assignment]
 
 
 class JobQueries(Database):
@@ -108,7 +111,8 @@ class JobQueries(Database):
         """Apply one tick's changes in one transaction; returns the ids actually changed.
 
         A job already terminal in the database is never touched again (terminal states
-        never change), so a change computed from stale data is dropped, not applied.
+        never change), so a change computed from stale data is dropped, not applied. Jobs,
+        outputs and deliveries are written in bulk: one ``executemany`` per statement.
         """
         if not changes:
             return []
@@ -119,9 +123,7 @@ class JobQueries(Database):
             applied = [job_id for job_id in by_id if job_id in live]
             if not applied:
                 return []
-            await session.execute(
-                update(Job), [{"id": i, **_job_values(by_id[i], now)} for i in applied]
-            )
+            await _update_active(session, [(i, _job_values(by_id[i], now)) for i in applied])
             outputs = [
                 {"job_id": i, **output_columns(out)}
                 for i in applied
@@ -129,14 +131,14 @@ class JobQueries(Database):
                 for out in history.outputs
             ]
             if outputs:
-                await session.execute(insert(JobOutput), outputs)
+                await session.execute(insert(_OUTPUTS), outputs)
             deliveries = [
                 _new_delivery(i, by_id[i], hook, now)
                 for i in applied
                 for hook in by_id[i].deliveries
             ]
             if deliveries:
-                await session.execute(insert(HookDelivery), deliveries)
+                await session.execute(insert(_DELIVERIES), deliveries)
         return applied
 
     async def jobs(
@@ -150,7 +152,7 @@ class JobQueries(Database):
                 for j in await session.scalars(_job_query(flt, with_history=with_history))
             ]
             ids = [j.id for j in jobs]
-            outputs = await _outputs(session, ids)
+            outputs = await outputs_by_job(session, ids)
             deliveries = await _deliveries(session, ids) if with_deliveries else {}
         return [
             JobRecord(j, tuple(outputs.get(j.id, ())), tuple(deliveries.get(j.id, ())))
@@ -163,7 +165,7 @@ class JobQueries(Database):
             job = await session.get(Job, job_id)
             if job is None:
                 return None
-            outputs = await _outputs(session, [job_id])
+            outputs = await outputs_by_job(session, [job_id])
             return JobRecord(job_row(job), tuple(outputs.get(job_id, ())))
 
 
@@ -217,7 +219,31 @@ async def _lock_active(session: AsyncSession, ids: Sequence[int]) -> set[int]:
     return live
 
 
-async def _outputs(session: AsyncSession, ids: Sequence[int]) -> dict[int, list[OutputRecord]]:
+async def _update_active(
+    session: AsyncSession, values_by_id: Sequence[tuple[int, dict[str, Any]]]
+) -> None:
+    """``UPDATE jobs`` by primary key, one ``executemany`` per set of columns written.
+
+    Each row is guarded by its state: a job that is already terminal is left as it is
+    (terminal exactly once), whatever the caller checked before.
+    """
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for job_id, values in values_by_id:
+        params = {"b_id": job_id, **{f"v_{name}": value for name, value in values.items()}}
+        groups.setdefault(tuple(sorted(values)), []).append(params)
+    still_active = or_(*(_JOBS.c.state == state for state in _ACTIVE))
+    for columns, rows in groups.items():
+        statement = (
+            update(_JOBS)
+            .where(_JOBS.c.id == bindparam("b_id"), still_active)
+            .values({name: bindparam(f"v_{name}", type_=_JOBS.c[name].type) for name in columns})
+        )
+        await session.execute(statement, rows)
+
+
+async def outputs_by_job(
+    session: AsyncSession, ids: Sequence[int]
+) -> dict[int, list[OutputRecord]]:
     """The output records of each job in ``ids``, in the order they were written."""
     outputs: dict[int, list[OutputRecord]] = {}
     for chunk in chunks(ids):
