@@ -23,10 +23,11 @@ RESPONSE_EXCERPT_BYTES = 2048
 
 
 class WebhookSender:
-    """Posts events over one HTTP session (opened on first use, at most ``limit`` sockets)."""
+    """Posts events over one HTTP session (opened on first use): kept-alive connections,
+    at most ``per_host`` to each receiving host (so a slow one holds only its own)."""
 
-    def __init__(self, *, limit: int) -> None:
-        self._limit = limit
+    def __init__(self, *, per_host: int) -> None:
+        self._per_host = per_host
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
@@ -38,7 +39,7 @@ class WebhookSender:
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._limit),
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=self._per_host),
                 cookie_jar=aiohttp.DummyCookieJar(),
                 raise_for_status=False,
                 trust_env=False,
