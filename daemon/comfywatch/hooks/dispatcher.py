@@ -180,6 +180,8 @@ class HookDispatcher:
                 except StoreError as exc:
                     log.error("hook_outbox_unreadable", error=str(exc), retry_in_s=STORE_RETRY_S)
                     work.claims.retry_at = time.monotonic() + STORE_RETRY_S
+                if stop.is_set():
+                    break  # set while claiming: start nothing new
                 self._advance(work)
                 await self._sleep(work.delay(self._clock()))
                 self._collect(work)
