@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import structlog
+from aiohttp import web
 
 from comfywatch.config import HookSettings, WebhookHookSettings
 from comfywatch.hooks import HookDispatcher
@@ -272,6 +273,46 @@ async def test_a_slow_receiver_does_not_hold_up_another_hook(
         await run_until(dispatcher, fast_done_while_slow_hangs)
     assert slow.max_active == 2
     assert requests_by_event(slow, fast) == await attempts_by_event(store)
+
+
+async def test_a_slow_hook_does_not_hold_up_another_hook_on_the_same_host(
+    db_path: Path,
+) -> None:
+    """Two hooks on one host and port, one path hanging: the other's deliveries still go
+    out (no connection limit shared by the host)."""
+    slow, fast = Receiver(hang=True), Receiver()
+    app = web.Application()
+    app.router.add_post("/slow", slow._handle)
+    app.router.add_post("/fast", fast._handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    db = Store.open("sqlite:///" + str(db_path))
+    hooks: dict[str, HookSettings] = {
+        "slow": hook("slow", f"http://{host}:{port}/slow", timeout_s=WAIT_S),
+        "fast": hook("fast", f"http://{host}:{port}/fast"),
+    }
+    dispatcher = HookDispatcher(store=db, hooks=hooks, concurrency=2, claim_size=4)
+    try:
+        await db.migrate()
+        await finished_jobs(db, 5, hooks=("slow", "fast"))
+        with watch_logs() as logs:
+
+            async def fast_done_while_slow_hangs() -> None:
+                await slow.wait_until(lambda: slow.active == 2)
+                await logs.wait_for("hook_delivered", 5)
+                assert (len(fast.requests), slow.active, len(slow.requests)) == (5, 2, 2)
+                slow.release.set()
+                await logs.wait_for("hook_delivered", 10)
+
+            await run_until(dispatcher, fast_done_while_slow_hangs)
+        assert requests_by_event(slow, fast) == await attempts_by_event(db)
+    finally:
+        slow.release.set()
+        await dispatcher.close()
+        await db.close()
+        await runner.cleanup()
 
 
 async def test_stop_lets_attempts_in_flight_finish_and_records_them(

@@ -71,8 +71,8 @@ class Outcome:
 class Attempts:
     """Makes attempts: webhooks over one HTTP session, commands as child processes."""
 
-    def __init__(self, *, per_host: int, clock: Callable[[], float]) -> None:
-        self._webhooks = WebhookSender(per_host=per_host)
+    def __init__(self, *, clock: Callable[[], float]) -> None:
+        self._webhooks = WebhookSender()
         self._clock = clock
 
     async def close(self) -> None:

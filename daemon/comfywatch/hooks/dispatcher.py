@@ -139,7 +139,7 @@ class HookDispatcher:
         self._claim_size = claim_size
         self._metrics = metrics
         self._clock = clock
-        self._attempts = Attempts(per_host=concurrency, clock=clock)
+        self._attempts = Attempts(clock=clock)
         self._wake = asyncio.Event()  # new deliveries may be due: claim
         self._nudge = asyncio.Event()  # something to look at: woken, finished, stopped
 

@@ -23,11 +23,14 @@ RESPONSE_EXCERPT_BYTES = 2048
 
 
 class WebhookSender:
-    """Posts events over one HTTP session (opened on first use): kept-alive connections,
-    at most ``per_host`` to each receiving host (so a slow one holds only its own)."""
+    """Posts events over one HTTP session (opened on first use) with kept-alive connections.
 
-    def __init__(self, *, per_host: int) -> None:
-        self._per_host = per_host
+    The connector sets no limit of its own: the dispatcher's per-hook lanes bound the
+    requests in flight (a shared per-host limit would let a slow hook starve another hook
+    on the same host).
+    """
+
+    def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
@@ -39,7 +42,7 @@ class WebhookSender:
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, limit_per_host=self._per_host),
+                connector=aiohttp.TCPConnector(limit=0),
                 cookie_jar=aiohttp.DummyCookieJar(),
                 raise_for_status=False,
                 trust_env=False,
