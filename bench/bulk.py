@@ -1,8 +1,9 @@
 """Benchmark: bulk completion and hook delivery, for farm scale.
 
 Run from the repository root: ``python -m bench.bulk [--jobs 10000] [--batch 1000]
-[--deliveries 3000] [--concurrency 8 64]``. Prints numbers; asserts nothing about time
-(timings on a shared machine are data, not pass/fail).
+[--deliveries 3000] [--concurrency 8 64] [--repeat 3]``. Prints the best of the runs and
+every run (the machine is shared: the best is the least disturbed). Asserts nothing about
+time: timings are data, not pass/fail.
 
 1. jobs/s committed by ``Store.record`` for batches of terminal changes, each with two
    output records and one hook delivery (a SQLite file in a temporary folder).
@@ -104,7 +105,7 @@ def changes(jobs: Sequence[tuple[int, str]], now_s: float) -> list[Change]:
 
 async def bench_record(folder: Path, n_jobs: int, batch: int) -> float:
     """Jobs/s committed by ``Store.record`` (registration not counted)."""
-    store = await fresh_store(folder, "record.sqlite")
+    store = await fresh_store(folder, f"record-{time.monotonic_ns()}.sqlite")
     try:
         now_s = time.time()
         jobs = await register(store, n_jobs, now_s)
@@ -146,9 +147,10 @@ asyncio.run(main())
 """
 
 
-async def bench_webhooks(folder: Path, n_deliveries: int, concurrency: int) -> float:
-    """Webhooks/s: ``n_deliveries`` due deliveries sent by one ``run_once`` pass."""
-    store = await fresh_store(folder, f"hooks-{concurrency}.sqlite")
+async def bench_webhooks(folder: Path, n_deliveries: int, concurrency: int) -> tuple[float, int]:
+    """Webhooks/s (attempts made per second) of one ``run_once`` pass over ``n_deliveries``
+    due deliveries, and how many of them ended delivered."""
+    store = await fresh_store(folder, f"hooks-{concurrency}-{time.monotonic_ns()}.sqlite")
     receiver = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -176,13 +178,12 @@ async def bench_webhooks(folder: Path, n_deliveries: int, concurrency: int) -> f
         dispatcher = HookDispatcher(store=store, hooks={HOOK: hook}, concurrency=concurrency)
         try:
             t0 = time.perf_counter()
-            await dispatcher.run_once()
+            attempts = await dispatcher.run_once()
             spent_s = time.perf_counter() - t0
         finally:
             await dispatcher.close()
         delivered = await store.deliveries(states=[DeliveryState.DELIVERED])
-        assert len(delivered) == n_deliveries, f"{len(delivered)} of {n_deliveries} delivered"
-        return n_deliveries / spent_s
+        return attempts / spent_s, len(delivered)
     finally:
         receiver.stdin.close()
         await receiver.wait()
@@ -192,14 +193,26 @@ async def bench_webhooks(folder: Path, n_deliveries: int, concurrency: int) -> f
 async def bench(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        rate = await bench_record(folder, args.jobs, args.batch)
-        say(f"record: {args.jobs} jobs in batches of {args.batch}: {rate:,.0f} jobs/s")
+        rates = [await bench_record(folder, args.jobs, args.batch) for _ in range(args.repeat)]
+        say(
+            f"record: {args.jobs} jobs in batches of {args.batch}:"
+            f" {max(rates):,.0f} jobs/s (best of {args.repeat}; all: {_listed(rates)})"
+        )
         for concurrency in args.concurrency:
-            rate = await bench_webhooks(folder, args.deliveries, concurrency)
+            runs = [
+                await bench_webhooks(folder, args.deliveries, concurrency)
+                for _ in range(args.repeat)
+            ]
+            rates = [rate for rate, _ in runs]
             say(
-                f"webhooks: {args.deliveries} deliveries, hook_concurrency {concurrency}:"
-                f" {rate:,.0f} webhooks/s"
+                f"webhooks: {args.deliveries} due, hook_concurrency {concurrency}:"
+                f" {max(rates):,.0f} webhooks/s (best of {args.repeat}; all: {_listed(rates)});"
+                f" each run delivered at least {min(n for _, n in runs)} of {args.deliveries}"
             )
+
+
+def _listed(rates: Sequence[float]) -> str:
+    return ", ".join(f"{rate:,.0f}" for rate in rates)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -211,6 +224,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--concurrency", type=int, nargs="+", default=[8, 64], help="hook_concurrency values"
     )
     parser.add_argument("--log-level", default="info", help="the daemon's log level")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement")
     return parser.parse_args(argv)
 
 
