@@ -1,1 +1,2 @@
-"""Measurement scripts, run from the repository root as ``python -m bench.<name>``."""
+"""Benchmarks: measurement scripts run by hand from the repository root (``python -m bench``
+for all of them, ``python -m bench.<name>`` for one), never by the tests."""

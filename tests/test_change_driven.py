@@ -43,8 +43,8 @@ class Running:
         rows = await self.daemon.store.jobs(JobFilter())
         return {row.job.prompt_id: row.job.state for row in rows}
 
-    async def until_states(self, wanted: dict[str, JobState]) -> None:
-        async with asyncio.timeout(20):
+    async def until_states(self, wanted: dict[str, JobState], timeout_s: float = 20) -> None:
+        async with asyncio.timeout(timeout_s):
             while True:
                 got = await self.states()
                 if all(got.get(pid) is state for pid, state in wanted.items()):
@@ -99,7 +99,8 @@ async def test_many_waiting_cost_one_queue_read(
     await until(lambda: requests(fake, "GET /history") > tails)
     assert requests(fake, "GET /queue") == queue_reads == 1
     assert requests(fake, "GET /history/{id}") == 0
-    assert (await daemon.states())[blocker] is JobState.SUCCESS
+    await daemon.until_states({blocker: JobState.SUCCESS})
+    assert requests(fake, "GET /queue") == 1
 
 
 async def test_one_finish_costs_one_tail_read(
@@ -171,8 +172,8 @@ async def test_a_silent_socket_falls_back_to_polling(
     daemon = await run_daemon(config)
     await until(lambda: requests(fake, "GET /history") >= 1)
     fake.mute_sockets()
+    await until(lambda: requests(fake, "GET /prompt") >= 1, timeout_s=30)  # a stall check
     fake.release()
-    await daemon.until_states(
-        {pid: JobState.SUCCESS},
-    )
+    # Two probes, a stall check interval apart, must disagree with the silent socket.
+    await daemon.until_states({pid: JobState.SUCCESS}, timeout_s=60)
     assert requests(fake, "GET /prompt") >= 2

@@ -17,12 +17,14 @@ from sqlalchemy import Connection, text
 
 from comfywatch.errors import StoreError
 from comfywatch.history import parse_history_entry
-from comfywatch.states import JobState, Reason
-from comfywatch.store import Change, JobFilter, NewJob, Store
+from comfywatch.hooks import HookDispatcher
+from comfywatch.states import DeliveryState, JobState, Reason
+from comfywatch.store import Change, FinishedAttempt, JobFilter, NewJob, Store
 from comfywatch.store.readonly import read, schema_revision
 
 from .conftest import write_config
 from .helpers import comfywatch, only_entry
+from .test_hooks import Receiver, webhook
 from .test_migrations import _diff
 
 ADMIN_URL = os.environ.get("COMFYWATCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -112,3 +114,41 @@ async def test_queries_read_postgresql_read_only(pg_url: str, tmp_path: Path) ->
     )
     assert code == 0, err
     assert [(j["prompt_id"], j["state"]) for j in json.loads(out)] == [("p1", "registered")]
+
+
+async def test_hooks_in_batches_on_postgresql(pg_url: str) -> None:
+    """A bulk record past one chunk (terminal jobs left alone), deliveries claimed in
+    batches smaller than the outbox and each sent once, an attempt recorded twice counted
+    once."""
+    store = Store.open(pg_url)
+    receiver = Receiver()
+    await receiver.start()
+    dispatcher = HookDispatcher(
+        store=store, hooks=webhook(receiver.url), concurrency=3, claim_size=7
+    )
+    try:
+        await store.migrate()
+        now = time.time()
+        await store.register(
+            [NewJob("local", f"p{n}", {}, ("notify",), "t") for n in range(600)], now
+        )
+        ids = sorted(j.id for j in await store.active_jobs())
+        done = [Change(i, JobState.SUCCESS, Reason.FINISHED, deliveries=["notify"]) for i in ids]
+        assert await store.record(done[:30], now) == ids[:30]
+        assert await store.record([Change(i, JobState.QUEUED) for i in ids], now) == ids[30:]
+        assert len(await store.jobs(JobFilter(states=[JobState.SUCCESS]))) == 30
+
+        assert await dispatcher.run_once() == 30
+        rows = [d for d, _ in await store.deliveries()]
+        assert {(d.state, d.attempts) for d in rows} == {(DeliveryState.DELIVERED, 1)}
+        assert sorted(h["webhook-id"] for h, _ in receiver.requests) == sorted(
+            d.event_id for d in rows
+        )
+        again = FinishedAttempt(rows[0].id, 1, DeliveryState.DEAD, now, None, 500, "x", None)
+        await store.record_attempts([again])
+        [(row, _)] = [r for r in await store.deliveries() if r.delivery.id == rows[0].id]
+        assert (row.state, row.attempts) == (DeliveryState.DELIVERED, 1)
+    finally:
+        await dispatcher.close()
+        await receiver.stop()
+        await store.close()

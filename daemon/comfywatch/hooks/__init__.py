@@ -2,9 +2,11 @@
 
 Deliveries are written by :meth:`Store.record` in the same transaction as the job's
 terminal state. :class:`HookDispatcher` sends the due ones, concurrently and independently of
-polling, and records each attempt's result only after the attempt: a crash in the middle of
-one means it is made again (at least once; a webhook keeps its ``webhook-id`` so receivers
-can de-duplicate).
+polling (claimed in batches, at most ``hook_concurrency`` at once per hook), and records
+attempts' results after them, in batches: a crash before a result is recorded means the
+attempt is made again (at least once; a webhook keeps its ``webhook-id`` so receivers can
+de-duplicate). A result the database cannot take yet is kept and recorded later, not sent
+again.
 
 - ``webhook``: POST ``{"type": "job.<state>", "timestamp": ..., "data": <job>}`` signed per
   Standard Webhooks (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``). A 2xx
@@ -30,12 +32,15 @@ Secrets, header values and webhook URLs (which often embed tokens) are never log
 stored. aiohttp and OS errors are turned into short error texts and go no further.
 
 Modules: ``policy`` (the pure retry policy), ``payload`` (event body and signature),
-``webhook`` and ``command`` (one attempt of each kind), ``dispatcher`` (the loop).
+``webhook`` and ``command`` (one attempt of each kind), ``attempt`` (one attempt and its
+verdict, no database), ``lanes`` (claimed and running deliveries, per hook), ``recorder``
+(outcomes recorded in batches) and ``dispatcher`` (the loop).
 """
 
 from __future__ import annotations
 
-from comfywatch.hooks.dispatcher import NOT_CONFIGURED, HookDispatcher
+from comfywatch.hooks.attempt import NOT_CONFIGURED
+from comfywatch.hooks.dispatcher import HookDispatcher
 from comfywatch.hooks.payload import encode_payload, event_payload, sign
 from comfywatch.hooks.policy import AttemptResult, Verdict, next_attempt
 from comfywatch.hooks.webhook import RESPONSE_EXCERPT_BYTES

@@ -1,48 +1,119 @@
 """The dispatcher that empties the outbox (``hook_deliveries``), concurrently and
-independently of polling: it starts due attempts, carries out the retry policy's verdict on
-each, and sleeps until the next delivery is due, a wake-up or a stop.
+independently of polling.
+
+It claims due deliveries in batches (one query for up to ``claim_size``, with all their
+events need), runs their attempts in one lane per hook (at most ``concurrency`` at once per
+hook: a slow receiver holds only its own slots), records the outcomes in batches (see
+:mod:`comfywatch.hooks.recorder`), then sleeps until a delivery is due, a wake-up or a stop.
+
+A delivery is held in memory from its claim until its outcome is recorded, and left out of
+later claims meanwhile: never attempted twice at once, nor again because its result waits
+for the database. Logs and metrics of an attempt follow the commit of its result.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import random
+import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
-from comfywatch.config import HookSettings, WebhookHookSettings
+from comfywatch.config import HookSettings
 from comfywatch.errors import StoreError
-from comfywatch.hooks.command import command_env, run_command
-from comfywatch.hooks.payload import encode_payload, event_payload
-from comfywatch.hooks.policy import JITTER, AttemptResult, Verdict, next_attempt
-from comfywatch.hooks.webhook import WebhookSender
+from comfywatch.hooks.attempt import Attempts, Outcome
+from comfywatch.hooks.lanes import Lanes
+from comfywatch.hooks.recorder import STORE_RETRY_S, Recorder
 from comfywatch.metrics import Metrics
 from comfywatch.states import DeliveryState
-from comfywatch.store import DeliveryRow, JobRow, Store
+from comfywatch.store import DueBatch, DueDelivery, Store
 
 log = structlog.get_logger("comfywatch.hooks")
 
 #: The longest the dispatcher sleeps without looking at the outbox (clock jumps, missed wakes).
 MAX_IDLE_S = 60.0
-#: Delay before looking at the outbox again after a database error.
-STORE_RETRY_S = 1.0
-NOT_CONFIGURED = "hook not configured"
+#: Due deliveries asked for in one query.
+CLAIM_SIZE = 256
+#: Outcomes are recorded once this many wait, or once the oldest has waited FLUSH_S.
+FLUSH_SIZE = 200
+FLUSH_S = 0.005
+#: Outcomes not recorded yet beyond which no attempt starts (the database is behind).
+MAX_UNRECORDED = 2_000
+#: The shortest sleep while a delivery's due time is about to come.
+MIN_SLEEP_S = 0.001
 
 
-# -- the dispatcher -----------------------------------------------------------------------
+def _at(ts_s: float) -> datetime:
+    return datetime.fromtimestamp(ts_s, tz=UTC)
 
 
-@dataclass(frozen=True, slots=True)
-class _Done:
-    """One finished task: whether an attempt was made, and when its row is due again."""
+@dataclass
+class _Claims:
+    """When to ask the outbox for due deliveries again."""
 
-    attempted: bool
-    due_again_s: float | None  # None: no longer pending
+    needed: bool = True
+    #: The due time of the earliest pending delivery not held (None: none is pending).
+    next_due: datetime | None = None
+    #: Hooks left out of the last claim because enough of theirs were waiting.
+    skipped_hooks: frozenset[str] = frozenset()
+    retry_at: float = 0.0  # monotonic: no claim before, after a read error
+
+    def due(self, now_s: float) -> bool:
+        if time.monotonic() < self.retry_at:
+            return False
+        return self.needed or (self.next_due is not None and self.next_due <= _at(now_s))
+
+    def delay(self, now_s: float) -> float:
+        if time.monotonic() < self.retry_at:
+            return self.retry_at - time.monotonic()
+        if self.needed:
+            return 0.0
+        if self.next_due is None:
+            return MAX_IDLE_S
+        return max(MIN_SLEEP_S, self.next_due.timestamp() - now_s)
+
+    def claimed(self, batch: DueBatch, *, skipped: set[str]) -> None:
+        self.needed = False
+        self.next_due = batch.next_at
+        self.skipped_hooks = frozenset(skipped)
+
+    def earlier(self, ts_s: float) -> None:
+        at = _at(ts_s)
+        if self.next_due is None or at < self.next_due:
+            self.next_due = at
+
+
+@dataclass
+class _Work:
+    """What one run holds: the lanes, the outcomes to record, when to claim again."""
+
+    lanes: Lanes
+    recorder: Recorder
+    claims: _Claims = field(default_factory=_Claims)
+    #: run_once: deliveries attempted in this pass and due again within it (not repeated).
+    handled: set[int] = field(default_factory=set)
+    attempts: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.lanes.running or self.lanes.waiting or self.recorder.held)
+
+    def can_start(self) -> bool:
+        return self.recorder.held < MAX_UNRECORDED
+
+    def delay(self, now_s: float, *, claims: bool = True) -> float:
+        """How long to sleep when nothing finishes: until a claim or a recording is due."""
+        delays = [MAX_IDLE_S]
+        if claims and self.can_start():
+            delays.append(self.claims.delay(now_s))
+        flush_in = self.recorder.flush_in(now=not self.lanes.running)
+        if flush_in is not None:
+            delays.append(flush_in)
+        return min(delays)
 
 
 class HookDispatcher:
@@ -56,228 +127,174 @@ class HookDispatcher:
         concurrency: int,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        claim_size: int = CLAIM_SIZE,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if claim_size < 1:
+            raise ValueError("claim_size must be at least 1")
         self._store = store
         self._hooks: dict[str, HookSettings] = dict(hooks)
         self._concurrency = concurrency
+        self._claim_size = claim_size
         self._metrics = metrics
         self._clock = clock
-        self._wake = asyncio.Event()
-        self._webhooks = WebhookSender(limit=concurrency)
+        self._attempts = Attempts(clock=clock)
+        self._wake = asyncio.Event()  # new deliveries may be due: claim
+        self._nudge = asyncio.Event()  # something to look at: woken, finished, stopped
 
     # -- control ------------------------------------------------------------------------
 
     def configure(self, *, hooks: Mapping[str, HookSettings]) -> None:
         """Adopt reloaded hook settings (attempts already running keep the old ones)."""
         self._hooks = dict(hooks)
-        self._wake.set()
+        self.wake()
 
     def wake(self) -> None:
         """New deliveries may be due now: look at the outbox without waiting."""
         self._wake.set()
+        self._nudge.set()
 
     async def close(self) -> None:
         """Close the HTTP session (a later attempt opens a new one)."""
-        await self._webhooks.close()
+        await self._attempts.close()
 
     # -- loops --------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Send due deliveries until ``stop`` is set, then let running attempts finish.
+        """Send due deliveries until ``stop`` is set, then let running attempts finish and
+        record their outcomes.
 
-        At most ``concurrency`` attempts run at once; between them the loop sleeps until the
-        next delivery is due, :meth:`wake` is called or ``stop`` is set. If run() is
-        cancelled, running attempts are cancelled too (their deliveries stay pending).
-        A task that fails unexpectedly (a bug) makes run() raise: loudly, not half-broken.
+        If run() is cancelled while it lets them finish, they are cancelled too (their
+        deliveries stay pending). A task that fails unexpectedly (a bug) makes run() raise:
+        loudly, not half-broken.
         """
-        tasks: dict[int, asyncio.Task[_Done]] = {}
+        work = self._new_work()
+        stop_watch = asyncio.create_task(stop.wait(), name="hook-stop-watch")
+        stop_watch.add_done_callback(lambda _: self._nudge.set())
         try:
             while not stop.is_set():
-                self._wake.clear()
-                delay_s: float
+                now_s = self._clock()
                 try:
-                    await self._start_due(self._clock(), tasks, skip=())
-                    delay_s = await self._idle_delay(tasks)
+                    await self._claim_if_due(work, now_s)
                 except StoreError as exc:
                     log.error("hook_outbox_unreadable", error=str(exc), retry_in_s=STORE_RETRY_S)
-                    delay_s = STORE_RETRY_S
-                await self._wait(stop, tasks, delay_s)
-                self._reap(tasks)
+                    work.claims.retry_at = time.monotonic() + STORE_RETRY_S
+                if stop.is_set():
+                    break  # set while claiming: start nothing new
+                self._advance(work)
+                await self._sleep(work.delay(self._clock()))
+                self._collect(work)
         finally:
-            await self._drain(tasks)
+            stop_watch.cancel()
+            await asyncio.wait([stop_watch])
+            await self._finish(work)
 
     async def run_once(self) -> int:
-        """Send every delivery due now (each at most once), wait for them; returns how many
-        attempts were made. Raises :class:`StoreError` if the outbox cannot be read."""
+        """Send every delivery due now (each at most once), wait for their outcomes to be
+        recorded; returns how many attempts were made. Raises :class:`StoreError` if the
+        outbox cannot be read (outcomes that cannot be recorded are tried again)."""
         now_s = self._clock()
-        tasks: dict[int, asyncio.Task[_Done]] = {}
-        handled: set[int] = set()
-        attempts = 0
+        work = self._new_work()
         try:
             while True:
-                await self._start_due(now_s, tasks, skip=handled)
-                handled.update(tasks)
-                if not tasks:
-                    return attempts
-                await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
-                for delivery_id, done in self._reap(tasks):
-                    attempts += done.attempted
-                    if done.due_again_s is None or done.due_again_s > now_s:
-                        handled.discard(delivery_id)  # not due again: the query skips it
+                await self._claim_if_due(work, now_s)
+                self._advance(work)
+                if not work.busy and not work.claims.due(now_s):
+                    return work.attempts
+                await self._sleep(work.delay(now_s, claims=False))
+                for outcome in self._collect(work):
+                    again_s = outcome.verdict.next_attempt_s
+                    if again_s is not None and again_s <= now_s:
+                        work.handled.add(outcome.delivery_id)  # due again: not in this pass
         finally:
-            await self._drain(tasks)
+            await self._finish(work)
 
-    async def _start_due(
-        self, now_s: float, tasks: dict[int, asyncio.Task[_Done]], *, skip: Iterable[int]
-    ) -> None:
-        """Start attempts for due deliveries, up to the free slots, skipping those running
-        (and ``skip``: rows already handled in this pass that are due again)."""
-        free = self._concurrency - len(tasks)
-        if free <= 0:
+    # -- steps --------------------------------------------------------------------------
+
+    def _new_work(self) -> _Work:
+        self._nudge.clear()
+        on_done = self._nudge.set
+        recorder = Recorder(self._store, flush_s=FLUSH_S, flush_size=FLUSH_SIZE, on_done=on_done)
+        return _Work(Lanes(self._concurrency, on_done=on_done), recorder)
+
+    async def _claim_if_due(self, work: _Work, now_s: float) -> None:
+        """Claim due deliveries if the outbox may hold some that are not held yet. Hooks
+        with enough waiting are left out, and so is every delivery held."""
+        claims = work.claims
+        if self._wake.is_set():
+            self._wake.clear()
+            claims.needed = True
+        full = work.lanes.full_hooks()
+        if claims.skipped_hooks - full:
+            claims.needed = True  # a hook left out last time has room again
+        if not work.can_start() or not claims.due(now_s):
             return
-        skipped = set(skip) | set(tasks)
-        rows = await self._store.due_deliveries(now_s, free + len(skipped))
-        for delivery, job in [r for r in rows if r.delivery.id not in skipped][:free]:
-            tasks[delivery.id] = asyncio.create_task(
-                self._deliver(delivery, job), name=f"hook-delivery-{delivery.id}"
-            )
-
-    async def _idle_delay(self, tasks: Mapping[int, asyncio.Task[_Done]]) -> float:
-        """How long to sleep when nothing wakes us: until the next delivery not running is
-        due (every slot busy: until one frees, which wakes us anyway)."""
-        if len(tasks) >= self._concurrency:
-            return MAX_IDLE_S
-        next_at = await self._store.next_delivery_at_excluding(list(tasks))
-        if next_at is None:
-            return MAX_IDLE_S
-        return min(MAX_IDLE_S, max(0.0, next_at.timestamp() - self._clock()))
-
-    async def _wait(
-        self, stop: asyncio.Event, tasks: Mapping[int, asyncio.Task[_Done]], delay_s: float
-    ) -> None:
-        """Sleep up to ``delay_s``; a wake, a stop or a finished attempt ends it early."""
-        if stop.is_set() or self._wake.is_set():
-            return
-        waiters = [asyncio.create_task(self._wake.wait()), asyncio.create_task(stop.wait())]
-        try:
-            await asyncio.wait(
-                [*waiters, *tasks.values()], timeout=delay_s, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-            await asyncio.gather(*waiters, return_exceptions=True)
-
-    @staticmethod
-    def _reap(tasks: dict[int, asyncio.Task[_Done]]) -> list[tuple[int, _Done]]:
-        """Remove finished tasks; an unexpected exception in one is raised here."""
-        finished = [(i, t) for i, t in tasks.items() if t.done()]
-        for delivery_id, _ in finished:
-            del tasks[delivery_id]
-        return [(i, t.result()) for i, t in finished]
-
-    @staticmethod
-    async def _drain(tasks: dict[int, asyncio.Task[_Done]]) -> None:
-        """Let running attempts finish (each is bounded by its timeout); if we are cancelled
-        meanwhile, cancel them and wait for their clean-up. No task outlives this."""
-        pending = list(tasks.values())
-        if not pending:
-            return
-        try:
-            await asyncio.wait(pending)
-        except asyncio.CancelledError:
-            for task in pending:
-                task.cancel()
-            await asyncio.wait(pending)
-            raise
-        HookDispatcher._reap(tasks)
-
-    # -- one attempt --------------------------------------------------------------------
-
-    async def _deliver(self, delivery: DeliveryRow, job: JobRow) -> _Done:
-        """Make one attempt for ``delivery`` and record its result."""
-        started = time.monotonic()
-        try:
-            result, schedule_s = await self._attempt(delivery, job)
-        except StoreError as exc:
-            log.error(
-                "hook_job_unreadable", hook=delivery.hook, delivery_id=delivery.id, error=str(exc)
-            )
-            await asyncio.sleep(STORE_RETRY_S)  # the row is still due: do not spin on it
-            return _Done(attempted=False, due_again_s=float("-inf"))
-        now_s = self._clock()
-        verdict = next_attempt(
-            result,
-            attempt=delivery.attempts + 1,
-            schedule_s=schedule_s,
-            now_s=now_s,
-            jitter=random.uniform(1 - JITTER, 1 + JITTER),  # noqa: S311 - jitter, not crypto
-        )
-        fields: dict[str, Any] = {
-            "hook": delivery.hook,
-            "server": job.server,
-            "prompt_id": job.prompt_id,
-            "delivery_id": delivery.id,
-            "event_id": delivery.event_id,
-            "attempt": delivery.attempts + 1,
-            "status": result.status_code,
-            "error": result.error,
+        skip = {
+            *work.lanes.held_ids(except_hooks=full),
+            *work.recorder.held_ids(except_hooks=full),
+            *work.handled,
         }
-        try:
-            await self._store.finish_attempt(
-                delivery.id,
-                state=verdict.state,
-                now_s=now_s,
-                next_attempt_s=verdict.next_attempt_s,
-                status_code=result.status_code,
-                error=result.error,
-                response=result.response,
-            )
-        except StoreError as exc:
-            # The attempt was made but not recorded: it will be made again (at least once),
-            # after a pause so that a database refusing writes does not make us hammer hooks.
-            log.error("hook_result_not_recorded", **fields, outcome=verdict.result, detail=str(exc))
-            await asyncio.sleep(STORE_RETRY_S)
-            return _Done(attempted=True, due_again_s=float("-inf"))
-        return self._recorded(delivery, verdict, fields, duration_s=time.monotonic() - started)
+        batch = await self._store.due_batch(now_s, self._claim_size, skip_ids=skip, skip_hooks=full)
+        work.lanes.add(batch.deliveries)
+        claims.claimed(batch, skipped=full)
 
-    async def _attempt(
-        self, delivery: DeliveryRow, job: JobRow
-    ) -> tuple[AttemptResult, Sequence[float]]:
-        """Send ``delivery`` once: its result and its hook's retry schedule. Raises
-        :class:`StoreError` if the job cannot be read (no attempt was made)."""
-        hook = self._hooks.get(delivery.hook)
-        if hook is None:
-            return AttemptResult(ok=False, error=NOT_CONFIGURED, final=True), ()
-        record = await self._store.job_record(job.id)
-        if record is None:  # pragma: no cover - pruning keeps jobs with pending deliveries
-            return AttemptResult(ok=False, error="job not found", final=True), ()
-        body = encode_payload(event_payload(delivery, record))
-        if isinstance(hook, WebhookHookSettings):
-            result = await self._webhooks.post(hook, delivery.event_id, body)
-        else:
-            hidden = [
-                other.secret_env
-                for other in self._hooks.values()
-                if isinstance(other, WebhookHookSettings) and other.secret_env
-            ]
-            env = command_env(os.environ, delivery, job, hidden=hidden)
-            result = await run_command(hook, env=env, body=body)
-        return result, hook.retry_schedule_s
+    def _advance(self, work: _Work) -> None:
+        """Start attempts in free slots; start a recording if one is due."""
+        if work.can_start():
+            work.lanes.start(self._attempt)
+        work.recorder.maybe_flush(now=not work.lanes.running)
 
-    def _recorded(
-        self, delivery: DeliveryRow, verdict: Verdict, fields: dict[str, Any], duration_s: float
-    ) -> _Done:
-        """Count and log an attempt whose result is recorded."""
+    def _attempt(self, due: DueDelivery) -> Coroutine[Any, Any, Outcome]:
+        return self._attempts.make(due, self._hooks)  # the settings as the attempt starts
+
+    async def _sleep(self, delay_s: float) -> None:
+        """Sleep up to ``delay_s``; a wake, a stop, a finished attempt or recording ends it."""
+        if self._nudge.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay_s):
+                await self._nudge.wait()
+
+    def _collect(self, work: _Work) -> list[Outcome]:
+        """Hand finished attempts to the recorder; count and log those whose outcomes are
+        recorded (committed). Returns the latter."""
+        self._nudge.clear()
+        work.recorder.add(work.lanes.reap())
+        recorded = work.recorder.reap()
+        for outcome in recorded:
+            self._recorded(work, outcome)
+        return recorded
+
+    def _recorded(self, work: _Work, outcome: Outcome) -> None:
+        work.attempts += 1
+        verdict = outcome.verdict
         if self._metrics is not None:
-            self._metrics.delivery(delivery.hook, verdict.result)
+            self._metrics.delivery(outcome.hook, verdict.result)
+        fields = outcome.log_fields()
         if verdict.state is DeliveryState.DELIVERED:
-            log.info("hook_delivered", **fields, duration_s=round(duration_s, 3))
-            return _Done(attempted=True, due_again_s=None)
-        if verdict.state is DeliveryState.DEAD:
+            log.info("hook_delivered", **fields, duration_s=round(outcome.duration_s, 3))
+        elif verdict.state is DeliveryState.DEAD:
             log.error("hook_dead", **fields)
-            return _Done(attempted=True, due_again_s=None)
-        log.warning("hook_retry_scheduled", **fields, retry_in_s=round(verdict.retry_in_s or 0, 3))
-        return _Done(attempted=True, due_again_s=verdict.next_attempt_s)
+        else:
+            log.warning(
+                "hook_retry_scheduled", **fields, retry_in_s=round(verdict.retry_in_s or 0, 3)
+            )
+            if verdict.next_attempt_s is not None:
+                work.claims.earlier(verdict.next_attempt_s)
+
+    async def _finish(self, work: _Work) -> None:
+        """Start nothing new; let running attempts finish and record every outcome held
+        (tried again after a database error). If cancelled meanwhile, cancel them: what is
+        not recorded is made again later (at least once). No task outlives this."""
+        work.lanes.drop_waiting()
+        try:
+            while work.lanes.running or work.recorder.held:
+                work.recorder.maybe_flush(now=True)
+                flush_in = work.recorder.flush_in(now=True)
+                await self._sleep(MAX_IDLE_S if flush_in is None else flush_in)
+                self._collect(work)
+        except BaseException:
+            await work.lanes.cancel()
+            await work.recorder.cancel()
+            raise

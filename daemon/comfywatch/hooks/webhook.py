@@ -23,10 +23,14 @@ RESPONSE_EXCERPT_BYTES = 2048
 
 
 class WebhookSender:
-    """Posts events over one HTTP session (opened on first use, at most ``limit`` sockets)."""
+    """Posts events over one HTTP session (opened on first use) with kept-alive connections.
 
-    def __init__(self, *, limit: int) -> None:
-        self._limit = limit
+    The connector sets no limit of its own: the dispatcher's per-hook lanes bound the
+    requests in flight (a shared per-host limit would let a slow hook starve another hook
+    on the same host).
+    """
+
+    def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
@@ -38,7 +42,7 @@ class WebhookSender:
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._limit),
+                connector=aiohttp.TCPConnector(limit=0),
                 cookie_jar=aiohttp.DummyCookieJar(),
                 raise_for_status=False,
                 trust_env=False,

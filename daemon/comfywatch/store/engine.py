@@ -39,6 +39,9 @@ BUSY_TIMEOUT_MS = 5_000
 DB_FILE_MODE = 0o640
 DB_DIR_MODE = 0o750
 
+#: Execution option of a transaction that only reads: SQLite begins it deferred.
+_READ_ONLY = "comfywatch_read_only"
+
 
 class Database:
     """An engine, its transactions and its lock; the query mixins of ``Store`` build on it."""
@@ -107,10 +110,16 @@ class Database:
         await self.engine.dispose()
 
     @asynccontextmanager
-    async def _session(self) -> AsyncIterator[AsyncSession]:
-        """A session in one transaction: committed on success, rolled back on any error."""
+    async def _session(self, *, read_only: bool = False) -> AsyncIterator[AsyncSession]:
+        """A session in one transaction: committed on success, rolled back on any error.
+
+        A ``read_only`` transaction (it must write nothing) starts deferred on SQLite: it
+        neither waits for the write lock nor holds it, and reads the last commit (WAL).
+        """
         try:
             async with self._sessions() as session, session.begin():
+                if read_only:
+                    await session.connection(execution_options={_READ_ONLY: True})
                 yield session
         except DB_ERRORS as exc:
             raise StoreError(f"database error: {short_error(exc)}") from None
@@ -217,4 +226,5 @@ def _configure_sqlite(engine: AsyncEngine, *, immediate: bool) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        read_only = conn.get_execution_options().get(_READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate and not read_only else "BEGIN")

@@ -11,14 +11,14 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, bindparam, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from comfywatch.history import HistoryRecord
+from comfywatch.history import HistoryRecord, OutputRecord
 from comfywatch.states import ACTIVE_STATES, DeliveryState, JobState
 from comfywatch.store.engine import Database
 from comfywatch.store.models import HookDelivery, Job, JobOutput
-from comfywatch.store.reads import select_job, select_jobs
+from comfywatch.store.reads import outputs_of, select_job, select_jobs
 from comfywatch.store.rows import (
     chunks,
     utc,
@@ -34,6 +34,9 @@ from comfywatch.store.values import (
 )
 
 _ACTIVE = list(ACTIVE_STATES)
+_JOBS: Table = Job.__table__
+_OUTPUTS: Table = JobOutput.__table__
+_DELIVERIES: Table = HookDelivery.__table__
 
 
 class JobQueries(Database):
@@ -121,7 +124,8 @@ class JobQueries(Database):
         """Apply one tick's changes in one transaction; returns the ids actually changed.
 
         A job already terminal in the database is never touched again (terminal states
-        never change), so a change computed from stale data is dropped, not applied.
+        never change), so a change computed from stale data is dropped, not applied. Jobs,
+        outputs and deliveries are written in bulk: one ``executemany`` per statement.
         """
         if not changes:
             return []
@@ -132,9 +136,7 @@ class JobQueries(Database):
             applied = [job_id for job_id in by_id if job_id in live]
             if not applied:
                 return []
-            await session.execute(
-                update(Job), [{"id": i, **_job_values(by_id[i], now)} for i in applied]
-            )
+            await _update_active(session, [(i, _job_values(by_id[i], now)) for i in applied])
             outputs = [
                 {"job_id": i, **output_columns(out)}
                 for i in applied
@@ -142,14 +144,14 @@ class JobQueries(Database):
                 for out in history.outputs
             ]
             if outputs:
-                await session.execute(insert(JobOutput), outputs)
+                await session.execute(insert(_OUTPUTS), outputs)
             deliveries = [
                 _new_delivery(i, by_id[i], hook, now)
                 for i in applied
                 for hook in by_id[i].deliveries
             ]
             if deliveries:
-                await session.execute(insert(HookDelivery), deliveries)
+                await session.execute(insert(_DELIVERIES), deliveries)
         return applied
 
     async def jobs(
@@ -201,6 +203,35 @@ async def _lock_active(session: AsyncSession, ids: Sequence[int]) -> set[int]:
             )
         )
     return live
+
+
+async def _update_active(
+    session: AsyncSession, values_by_id: Sequence[tuple[int, dict[str, Any]]]
+) -> None:
+    """``UPDATE jobs`` by primary key, one ``executemany`` per set of columns written.
+
+    Each row is guarded by its state: a job that is already terminal is left as it is
+    (terminal exactly once), whatever the caller checked before.
+    """
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for job_id, values in values_by_id:
+        params = {"b_id": job_id, **{f"v_{name}": value for name, value in values.items()}}
+        groups.setdefault(tuple(sorted(values)), []).append(params)
+    still_active = or_(*(_JOBS.c.state == state for state in _ACTIVE))
+    for columns, rows in groups.items():
+        statement = (
+            update(_JOBS)
+            .where(_JOBS.c.id == bindparam("b_id"), still_active)
+            .values({name: bindparam(f"v_{name}", type_=_JOBS.c[name].type) for name in columns})
+        )
+        await session.execute(statement, rows)
+
+
+async def outputs_by_job(
+    session: AsyncSession, ids: Sequence[int]
+) -> dict[int, list[OutputRecord]]:
+    """The output records of each job in ``ids``, in the order they were written."""
+    return await session.run_sync(lambda sync: outputs_of(sync.connection(), ids))
 
 
 def _new_delivery(job_id: int, change: Change, hook: str, now: datetime) -> dict[str, Any]:

@@ -106,14 +106,14 @@ def _job_row(names: Sequence[str], row: Sequence[Any]) -> JobRow:
 
 def _records(conn: Connection, jobs: list[JobRow], *, with_deliveries: bool) -> list[JobRecord]:
     ids = [j.id for j in jobs]
-    outputs = _outputs(conn, ids)
+    outputs = outputs_of(conn, ids)
     deliveries = _deliveries(conn, ids) if with_deliveries else {}
     return [
         JobRecord(j, tuple(outputs.get(j.id, ())), tuple(deliveries.get(j.id, ()))) for j in jobs
     ]
 
 
-def _outputs(conn: Connection, ids: Sequence[int]) -> dict[int, list[OutputRecord]]:
+def outputs_of(conn: Connection, ids: Sequence[int]) -> dict[int, list[OutputRecord]]:
     """The output records of each job in ``ids``, in the order they were written."""
     c = _OUTPUTS.c
     columns = [c.job_id, *(c[name] for name in OUTPUT_FIELDS)]

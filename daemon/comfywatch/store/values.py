@@ -45,6 +45,21 @@ class Change:
 
 
 @dataclass(frozen=True, slots=True)
+class FinishedAttempt:
+    """One delivery attempt's result, to record (see :meth:`Store.record_attempts`)."""
+
+    delivery_id: int
+    #: This attempt's number (1-based): the row counted ``attempt - 1`` attempts before it.
+    attempt: int
+    state: DeliveryState
+    finished_at_s: float
+    next_attempt_s: float | None
+    status_code: int | None
+    error: str | None
+    response: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class JobFilter:
     """Which jobs :meth:`Store.jobs` returns; empty ``states`` means any state."""
 
@@ -140,6 +155,23 @@ class DeliveryRecord(NamedTuple):
 
     delivery: DeliveryRow
     job: JobRow
+
+
+class DueDelivery(NamedTuple):
+    """A delivery to send, with its job and the job's outputs (all the event needs)."""
+
+    delivery: DeliveryRow
+    job: JobRecord
+
+
+@dataclass(frozen=True, slots=True)
+class DueBatch:
+    """What :meth:`Store.due_batch` found: due deliveries, oldest first, and when the next
+    pending delivery that is neither in the batch nor skipped is due (``None``: none is
+    pending; a time already past: more were due than the batch could hold)."""
+
+    deliveries: tuple[DueDelivery, ...]
+    next_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
