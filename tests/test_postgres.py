@@ -51,7 +51,7 @@ async def test_store_round_trip_on_postgresql(pg_url: str) -> None:
             NewJob("local", "p-ok", {"batch": "b1"}, ("notify",), "test"),
             NewJob("local", "p-err", {"batch": "b2"}, (), "test"),
         ]
-        assert await store.register(jobs, now) == 2
+        assert len(await store.register(jobs, now)) == 2
         ids = {j.prompt_id: j.id for j in await store.active_jobs()}
         ok = parse_history_entry(*only_entry("success_saveimage_history.json"))
         err = parse_history_entry(*only_entry("runtime_error_history.json"))

@@ -26,6 +26,8 @@ EX_FAILURE = 1
 EX_USAGE = 2
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
 T = TypeVar("T")
@@ -107,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("ids", nargs="*", type=int, metavar="ID")
     retry.add_argument("--all-dead", action="store_true")
 
+    register = sub.add_parser(
+        "register", parents=[common], help="register jobs: write a file into jobs_dir"
+    )
+    register.add_argument("--server", required=True)
+    register.add_argument("prompt_ids", nargs="+", metavar="PROMPT_ID")
+    register.add_argument("--label", action="append", type=_label, default=[], metavar="KEY=VALUE")
+    register.add_argument(
+        "--hooks",
+        type=lambda text: [name for name in text.split(",") if name],
+        metavar="A,B",
+        help='hooks for these jobs ("" for none; default: default_hooks)',
+    )
+    register.add_argument("--wait", action="store_true", help="wait for the daemon's verdict")
+    register.add_argument("--timeout", type=float, default=60.0, metavar="S", help="for --wait")
+
     prune = sub.add_parser("prune", parents=[common], help="delete old terminal jobs")
     prune.add_argument("--older-than", type=_duration_s, required=True, metavar="AGE")
     prune.add_argument("--dry-run", action="store_true")
@@ -168,6 +185,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _run(lambda: _migrate(settings))
     if args.command == "healthcheck":
         return _run(lambda: _healthcheck(settings))
+    if args.command == "register":
+        return _register(settings, args)
     handlers: dict[str, Callable[[Store, argparse.Namespace], Awaitable[int]]] = {
         "jobs": _jobs,
         "show": _show,
@@ -265,6 +284,34 @@ def _check_config(settings: Settings) -> int:
     ]
     _table(["SERVER", "PROMPT_ID", "LABELS", "HOOKS", "SOURCE"], rows, indent="  ")
     return EX_OK
+
+
+def _register(settings: Settings, args: argparse.Namespace) -> int:
+    from comfywatch.spool.register import Outcome, jobs_file_text, submit, wait_for_verdict
+
+    try:
+        text = jobs_file_text(
+            args.server, args.prompt_ids, labels=dict(args.label), hooks=args.hooks
+        )
+        path = submit(settings, text)
+    except ValueError as exc:  # InvalidJobs: what the daemon would reject
+        _err(f"register: {exc}")
+        return EX_USAGE
+    except OSError as exc:
+        _err(f"register: cannot write into {settings.daemon.jobs_dir}: {exc.strerror or exc}")
+        return EX_CANTCREAT
+    if not args.wait:
+        print(path)
+        return EX_OK
+    verdict = wait_for_verdict(path, args.timeout)
+    if verdict.outcome is Outcome.ACCEPTED:
+        print(f"registered: {verdict.path or 'the file was deleted'}")
+        return EX_OK
+    if verdict.outcome is Outcome.REJECTED:
+        _err(f"register: rejected, set aside as {verdict.path}:\n{verdict.error}")
+        return EX_FAILURE
+    _err(f"register: {path} is still waiting after {args.timeout:g} s (is the daemon running?)")
+    return EX_TEMPFAIL
 
 
 def _safe_url(url: str) -> str:

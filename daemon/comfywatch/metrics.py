@@ -71,6 +71,19 @@ class Metrics:
             ["server", "state"],
             registry=r,
         )
+        self.spool_files = Counter(
+            "comfywatch_spool_files_total",
+            "Files read from jobs_dir, by result (registered, rejected).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("registered", "rejected"):
+            self.spool_files.labels(result)
+        self.spool_waiting = Gauge(
+            "comfywatch_spool_files_waiting",
+            "Files listed in jobs_dir and not yet read, as of the last pass.",
+            registry=r,
+        )
         self.ticks = Counter("comfywatch_ticks_total", "Completed polling passes.", registry=r)
         self.last_tick = Gauge(
             "comfywatch_last_tick_timestamp_seconds",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import signal
 import time
 from collections.abc import Callable
@@ -21,7 +22,8 @@ from comfywatch.hooks import HookDispatcher
 from comfywatch.metrics import Metrics
 from comfywatch.notify import SystemdNotifier
 from comfywatch.poller import Poller
-from comfywatch.store import NewJob, Store, retention_cutoff
+from comfywatch.spool import Spool
+from comfywatch.store import ActiveJob, NewJob, Store, retention_cutoff
 
 log = structlog.get_logger("comfywatch.service")
 
@@ -40,6 +42,9 @@ STORE_RETRY_S = 1.0
 STATS_EVERY_S = 10.0
 #: How often retention pruning runs when ``retention_days`` is set.
 PRUNE_EVERY_S = 3600.0
+#: The longest a pass spends registering spool files before it ticks (the rest waits for
+#: the next pass): a flood of files delays ticks by this much at most.
+SPOOL_BUDGET_S = 1.0
 
 
 def new_jobs(settings: Settings) -> list[NewJob]:
@@ -56,7 +61,10 @@ def new_jobs(settings: Settings) -> list[NewJob]:
 
 
 def configured(settings: Settings) -> set[tuple[str, str]]:
-    """The (server, prompt_id) pairs the configuration names: never pruned (see Store.prune)."""
+    """The (server, prompt_id) pairs the main file names: never pruned (see Store.prune).
+
+    Spool files are read once, so the jobs they registered are pruned like any other.
+    """
     return {(job.server, job.prompt_id) for job in settings.jobs}
 
 
@@ -119,6 +127,7 @@ class Daemon:
             metrics=self.metrics,
             clock=clock,
         )
+        self.spool = Spool(settings, metrics=self.metrics)
 
     # -- control ------------------------------------------------------------------------
 
@@ -142,6 +151,7 @@ class Daemon:
         """Migrate the schema and register the configured jobs."""
         await self.store.migrate()
         added = await self.store.register(new_jobs(self.settings), self._clock())
+        self._track(added)
         # STATUS= goes out with READY=1: counts from the database, not zeros. No server has
         # failed a poll yet (ticks count a server as up until one does).
         self.status.active_jobs = len(await self.store.active_jobs())
@@ -152,7 +162,7 @@ class Daemon:
             config=str(self.settings.path),
             servers=sorted(self.settings.servers),
             jobs_configured=len(self.settings.jobs),
-            jobs_added=added,
+            jobs_added=len(added),
         )
 
     async def reload(self, *, why: str) -> bool:
@@ -183,13 +193,17 @@ class Daemon:
         for client in self.poller.configure(servers=settings.servers, hooks=settings.hooks):
             await client.close()
         self.dispatcher.configure(hooks=settings.hooks)
+        self.spool.configure(settings)
+        self._track(added)
         self.poller.not_found_after_s = settings.daemon.not_found_after_s
         self.poller.poll_interval_s = settings.daemon.poll_interval_s
         self.settings = settings
         if self.status.ready:
             self._start_watchers()
         self.status.servers_total = len(settings.servers)
-        log.info("config_reloaded", why=why, jobs_configured=len(settings.jobs), jobs_added=added)
+        log.info(
+            "config_reloaded", why=why, jobs_configured=len(settings.jobs), jobs_added=len(added)
+        )
         return True
 
     def _config_changed(self) -> bool:
@@ -219,6 +233,7 @@ class Daemon:
                 else:
                     next_full_s = time.monotonic() + self.settings.daemon.poll_interval_s
                 self._hinted.clear()  # hints from before the tick are served by it
+                await self._ingest_spool()
                 retry_s = await self._one_tick(only)
                 if retry_s is not None:
                     next_full_s = time.monotonic() + retry_s
@@ -255,6 +270,19 @@ class Daemon:
             await asyncio.wait({task})
         if not task.cancelled() and task.exception() is not None:
             log.error("hook_dispatcher_failed", error=repr(task.exception()))
+
+    async def _ingest_spool(self) -> None:
+        """Register what waits in ``jobs_dir`` (bad files are set aside, never fatal)."""
+        added = await self.spool.ingest(self.store, now_s=self._clock(), budget_s=SPOOL_BUDGET_S)
+        self._track(added)
+
+    def _track(self, jobs: list[ActiveJob]) -> None:
+        """Jobs just registered (main file or spool), for the poller.
+
+        The poller reads the active set from the store on every tick, so until then this
+        only counts them (for STATUS= and ``--until-done``).
+        """
+        self.status.active_jobs += len(jobs)
 
     async def _one_tick(self, only: set[str] | None = None) -> float | None:
         """Run one tick (bounded by the stop grace period once a stop is requested);
@@ -317,20 +345,20 @@ class Daemon:
             log.warning("housekeeping_failed", error=str(exc))
 
     async def _prune(self, now: float, days: float) -> None:
+        cutoff_s = retention_cutoff(now, days)
+        files = await self.spool.prune(cutoff_s)  # done/ and rejected/
         try:
-            pruned = await self.store.prune(
-                retention_cutoff(now, days), dry_run=False, keep=configured(self.settings)
-            )
+            pruned = await self.store.prune(cutoff_s, dry_run=False, keep=configured(self.settings))
         except StoreError as exc:
             log.warning("prune_failed", error=str(exc))
             return
-        if pruned:
-            log.info("pruned", jobs=pruned, retention_days=days)
+        if pruned or files:
+            log.info("pruned", jobs=pruned, spool_files=files, retention_days=days)
 
     async def _all_done(self) -> bool:
         """Whether ``--until-done`` may stop; never on counts older than a failed tick, and a
         busy database means "not yet", not a crash."""
-        if not self._tick_recorded or self.status.active_jobs != 0:
+        if not self._tick_recorded or self.status.active_jobs != 0 or self.spool.waiting:
             return False
         try:
             return await self.store.pending_delivery_count() == 0
@@ -411,6 +439,11 @@ async def run_daemon(settings: Settings, *, until_done: bool = False) -> int:
     store = Store.open(settings.daemon.database_url)
     try:
         await store.lock_for_daemon()
+        # What exists now (modules, classes, the ORM, settings) lives as long as the process:
+        # full collections skip it from here on. Scanning it again at each one stalled the
+        # loop for a few hundred ms on a busy machine while a flood of spool files came in.
+        gc.collect()
+        gc.freeze()
         daemon = Daemon(settings, store=store)
         daemon.install_signal_handlers()
         server = None

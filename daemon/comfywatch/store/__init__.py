@@ -3,7 +3,7 @@
 - ``engine``: engine set-up (SQLite WAL, busy timeout, ``BEGIN IMMEDIATE``), transactions,
   the one-daemon lock, errors translated into :class:`~comfywatch.errors.StoreError`;
   ``schema``: the Alembic migrations runner.
-- ``jobs``, ``deliveries``, ``upkeep``: the queries, one mixin each.
+- ``registration``, ``jobs``, ``deliveries``, ``upkeep``: the queries, one mixin each.
 - ``models``: the ORM tables (public: people query them); ``rows``: ORM rows into values.
 - ``values``: what goes in and comes out, frozen values only (never ORM objects).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 from comfywatch.states import DeliveryState
 from comfywatch.store.deliveries import DeliveryQueries
 from comfywatch.store.jobs import JobQueries
+from comfywatch.store.registration import RegistrationQueries
 from comfywatch.store.upkeep import UpkeepQueries, retention_cutoff
 from comfywatch.store.values import (
     ActiveJob,
@@ -44,5 +45,5 @@ __all__ = [
 ]
 
 
-class Store(JobQueries, DeliveryQueries, UpkeepQueries):
+class Store(RegistrationQueries, JobQueries, DeliveryQueries, UpkeepQueries):
     """The database behind comfywatch: jobs, their outputs, and the hook outbox."""

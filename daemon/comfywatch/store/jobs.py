@@ -1,4 +1,4 @@
-"""Job queries: registration, the active set for the poller, a tick's changes, lookups.
+"""Job queries: the active set for the poller, a tick's changes, lookups.
 
 A tick's changes are recorded in one transaction together with their outputs and the hook
 deliveries they owe (the outbox), so a hook is owed exactly when its job's end is durable.
@@ -7,7 +7,7 @@ deliveries they owe (the outbox), so a hook is owed exactly when its job's end i
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
 from comfywatch.history import HistoryRecord, OutputRecord
-from comfywatch.states import ACTIVE_STATES, DeliveryState, JobState
+from comfywatch.states import ACTIVE_STATES, DeliveryState
 from comfywatch.store.engine import Database
 from comfywatch.store.models import HookDelivery, Job, JobOutput
 from comfywatch.store.rows import (
@@ -33,7 +33,6 @@ from comfywatch.store.values import (
     DeliveryRow,
     JobFilter,
     JobRecord,
-    NewJob,
     output_columns,
 )
 
@@ -41,40 +40,7 @@ _ACTIVE = list(ACTIVE_STATES)
 
 
 class JobQueries(Database):
-    """Registering, tracking and reading jobs."""
-
-    async def register(self, jobs: Iterable[NewJob], now_s: float) -> int:
-        """Insert jobs not yet known; refresh labels and hooks of known non-terminal ones."""
-        wanted = {(j.server, j.prompt_id): j for j in jobs}
-        if not wanted:
-            return 0
-        now = utc(now_s)
-        added = 0
-        async with self._session() as session:
-            existing = await _existing_jobs(session, wanted)
-            for key, spec in wanted.items():
-                row = existing.get(key)
-                if row is None:
-                    session.add(
-                        Job(
-                            server=spec.server,
-                            prompt_id=spec.prompt_id,
-                            state=JobState.REGISTERED,
-                            labels=dict(spec.labels),
-                            hooks=list(spec.hooks),
-                            source=spec.source,
-                            registered_at=now,
-                            updated_at=now,
-                        )
-                    )
-                    added += 1
-                elif row.state in ACTIVE_STATES and (
-                    row.labels != dict(spec.labels) or row.hooks != list(spec.hooks)
-                ):
-                    row.labels = dict(spec.labels)
-                    row.hooks = list(spec.hooks)
-                    row.updated_at = now
-        return added
+    """Tracking and reading jobs (registering them: :mod:`comfywatch.store.registration`)."""
 
     async def active_jobs(self) -> list[ActiveJob]:
         async with self._session() as session:
@@ -182,23 +148,6 @@ def _job_query(flt: JobFilter, *, with_history: bool) -> Select[Job]:
     if flt.limit is not None:
         query = query.limit(flt.limit)
     return query
-
-
-async def _existing_jobs(
-    session: AsyncSession, wanted: Iterable[tuple[str, str]]
-) -> dict[tuple[str, str], Job]:
-    """The jobs among ``wanted`` (server, prompt_id) pairs that are already registered."""
-    by_server: dict[str, list[str]] = {}
-    for server, prompt_id in wanted:
-        by_server.setdefault(server, []).append(prompt_id)
-    existing: dict[tuple[str, str], Job] = {}
-    for server, prompt_ids in by_server.items():
-        for chunk in chunks(prompt_ids):
-            rows = await session.scalars(
-                select(Job).where(Job.server == server, Job.prompt_id.in_(chunk))
-            )
-            existing.update({(r.server, r.prompt_id): r for r in rows})
-    return existing
 
 
 async def _lock_active(session: AsyncSession, ids: Sequence[int]) -> set[int]:
