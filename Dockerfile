@@ -12,12 +12,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     COMFYWATCH_CONFIG=/etc/comfywatch/comfywatch.toml
 
+# The volume holds the database and the spool (jobs_dir = "/var/lib/comfywatch/spool"):
+# job files dropped there by the group are registered once, then moved to done/.
 RUN groupadd --system --gid 10001 comfywatch \
     && useradd --system --uid 10001 --gid comfywatch --home-dir /var/lib/comfywatch \
        --no-create-home --shell /usr/sbin/nologin comfywatch \
-    && mkdir -p /var/lib/comfywatch /etc/comfywatch \
-    && chown comfywatch:comfywatch /var/lib/comfywatch \
-    && chmod 0750 /var/lib/comfywatch
+    && mkdir -p /var/lib/comfywatch/spool/done /var/lib/comfywatch/spool/rejected /etc/comfywatch \
+    && chown -R comfywatch:comfywatch /var/lib/comfywatch \
+    && chmod 0750 /var/lib/comfywatch \
+    && chmod 2770 /var/lib/comfywatch/spool /var/lib/comfywatch/spool/done \
+       /var/lib/comfywatch/spool/rejected
 
 WORKDIR /opt/comfywatch
 

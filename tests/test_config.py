@@ -25,6 +25,7 @@ from comfywatch.config import (
     redact_url,
 )
 from comfywatch.errors import ConfigError
+from comfywatch.spool.parse import MAX_SPOOL_BYTES, read_spool_file
 from comfywatch.states import TERMINAL_STATES, JobState
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,6 +83,7 @@ def full_example(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         database = "sqlite:///comfywatch.db"
         poll_interval_s = 1.0
         jobs_dir = "jobs.d"
+        keep_registered_files = false
         not_found_after_s = 60
         default_hooks = ["notify"]
         http = "127.0.0.1:9464"
@@ -163,6 +165,7 @@ def test_full_example_loads(full_example: tuple[Path, dict[str, str]], tmp_path:
     assert daemon.database_url.startswith("sqlite:////")
     assert daemon.poll_interval_s == 1.0
     assert daemon.jobs_dir == tmp_path / "jobs.d"
+    assert daemon.keep_registered_files is False
     assert daemon.not_found_after_s == 60
     assert daemon.default_hooks == ("notify",)
     assert (daemon.http_host, daemon.http_port) == ("127.0.0.1", 9464)
@@ -212,17 +215,19 @@ def test_full_example_loads(full_example: tuple[Path, dict[str, str]], tmp_path:
         ("local", "35bd62e6-a6fd-4a32-84d4-365d80bd79d5"),
         ("gpu-2", "35bd62e6-a6fd-4a32-84d4-365d80bd79d5"),  # same id, other server: fine
         ("local", "no-hooks"),
-        ("gpu-2", "from-drop-in"),
-    ]
+    ]  # the spool file in jobs_dir is not read by a load
     first = jobs[("local", "35bd62e6-a6fd-4a32-84d4-365d80bd79d5")]
     assert first.hooks == ("notify", "archive")
     assert dict(first.labels) == {"batch": "catalog-42"}
     assert first.source == str(config)
     assert jobs[("gpu-2", "35bd62e6-a6fd-4a32-84d4-365d80bd79d5")].hooks == ("notify",)
     assert jobs[("local", "no-hooks")].hooks == ()
-    drop_in = jobs[("gpu-2", "from-drop-in")]
-    assert drop_in.source == str(tmp_path / "jobs.d" / "10-more.toml")
-    assert drop_in.hooks == ("notify",)
+    spool_file = tmp_path / "jobs.d" / "10-more.toml"
+    [spooled] = read_spool_file(spool_file, settings)  # as the daemon reads it
+    assert (spooled.server, spooled.prompt_id) == ("gpu-2", "from-drop-in")
+    assert spooled.source == str(spool_file)
+    assert spooled.hooks == ("notify",)
+    assert dict(spooled.labels) == {"owner": "me"}
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -233,6 +238,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert daemon.database_url == f"sqlite:///{tmp_path}/comfywatch.db"
     assert daemon.poll_interval_s == 1.0
     assert daemon.jobs_dir is None
+    assert daemon.keep_registered_files is True
     assert daemon.not_found_after_s == 60
     assert daemon.default_hooks == ()
     assert (daemon.http_host, daemon.http_port) == (None, None)
@@ -325,7 +331,8 @@ def test_relative_paths_resolve_against_config_folder(
     assert settings.path.is_absolute()
     assert settings.daemon.database_url == f"sqlite:///{settings.path.parent}/data/cw.db"
     assert settings.daemon.jobs_dir == settings.path.parent / "drop"
-    assert [job.prompt_id for job in settings.jobs] == ["p"]
+    [job] = read_spool_file(settings.path.parent / "drop" / "a.toml", settings)
+    assert job.source == str(settings.path.parent / "drop" / "a.toml")
     web = settings.hooks["web"]
     assert isinstance(web, WebhookHookSettings)
     assert web.secret == SECRET_KEY
@@ -400,21 +407,17 @@ def test_jobs_dir_missing_is_not_an_error(tmp_path: Path) -> None:
     assert settings.jobs == ()
 
 
-def test_drop_ins_sorted_and_dotfiles_ignored(tmp_path: Path) -> None:
-    """Only visible *.toml files are read, in name order; temp files and others are skipped."""
+def test_nothing_in_jobs_dir_is_read_by_a_load(tmp_path: Path) -> None:
+    """The spool is the daemon's to ingest: broken files there, or a jobs_dir that is not
+    even a directory, do not stop a load (nor, so, a query command)."""
     config = write(tmp_path / "c.toml", '[daemon]\njobs_dir = "jobs.d"\n' + SERVER)
-    jobs_dir = tmp_path / "jobs.d"
-    for name in ["b.toml", "a.toml", "c.toml"]:
-        write(jobs_dir / name, f'[[jobs]]\nserver = "local"\nprompt_id = "{name}"\n')
-    broken = "this is not toml ["
-    write(jobs_dir / ".a.toml.tmp", broken)
-    write(jobs_dir / ".hidden.toml", broken)
-    write(jobs_dir / "notes.txt", broken)
-    write(jobs_dir / "example.toml.sample", broken)
-    write(jobs_dir / "old.toml~", broken)
-    write(jobs_dir / "empty.toml", "")
-    settings = load_settings(config, env={})
-    assert [job.prompt_id for job in settings.jobs] == ["a.toml", "b.toml", "c.toml"]
+    write(tmp_path / "jobs.d" / "a.toml", '[[jobs]]\nserver = "local"\nprompt_id = "a"\n')
+    write(tmp_path / "jobs.d" / "broken.toml", "this is not toml [")
+    write(tmp_path / "jobs.d" / "elsewhere.toml", '[[jobs]]\nserver = "nowhere"\n')
+    assert load_settings(config, env={}).jobs == ()
+    shutil.rmtree(tmp_path / "jobs.d")
+    (tmp_path / "jobs.d").write_text("", encoding="utf-8")
+    assert load_settings(config, env={}).daemon.jobs_dir == tmp_path / "jobs.d"
 
 
 def test_jobs_as_inline_array(tmp_path: Path) -> None:
@@ -1166,14 +1169,6 @@ def test_syntax_error_at_end_of_file(tmp_path: Path) -> None:
     assert_located(load_error(config), config, None, 2)
 
 
-def test_jobs_dir_that_is_a_file(tmp_path: Path) -> None:
-    (tmp_path / "jobs.d").write_text("", encoding="utf-8")
-    config = write(tmp_path / "c.toml", '[daemon]\njobs_dir = "jobs.d"\n')
-    error = load_error(config)
-    assert_located(error, config, "daemon.jobs_dir", 2)
-    assert "not a directory" in error.message
-
-
 @pytest.mark.parametrize("kind", ["missing", "directory", "not-utf8"])
 def test_unreadable_main_file(tmp_path: Path, kind: str) -> None:
     config = tmp_path / "c.toml"
@@ -1189,10 +1184,10 @@ def test_unreadable_main_file(tmp_path: Path, kind: str) -> None:
         assert "UTF-8" in error.message
 
 
-# ------------------------------------------------------------------------ drop-ins
+# ---------------------------------------------------------------------- spool files
 
 
-def drop_in_config(tmp_path: Path) -> Path:
+def spool_config(tmp_path: Path) -> Path:
     return write(
         tmp_path / "comfywatch.toml",
         """
@@ -1209,39 +1204,48 @@ def drop_in_config(tmp_path: Path) -> Path:
     )
 
 
-def test_duplicate_across_files_names_both_places(tmp_path: Path) -> None:
-    config = drop_in_config(tmp_path)
-    drop_in = write(
+def spool_error(config: Path, spool_file: Path) -> ConfigError:
+    """The error the daemon would set ``spool_file`` aside with."""
+    with pytest.raises(ConfigError) as info:
+        read_spool_file(spool_file, load_settings(config, env={}))
+    return info.value
+
+
+def test_same_job_in_the_main_file_and_in_spool_files_is_no_error(tmp_path: Path) -> None:
+    """A job named again (by the main file or by another spool file) is a re-registration."""
+    config = spool_config(tmp_path)
+    settings = load_settings(config, env={})
+    for name in ("a.toml", "b.toml"):
+        path = write(
+            tmp_path / "jobs.d" / name, '[[jobs]]\nserver = "local"\nprompt_id = "shared-id"\n'
+        )
+        [job] = read_spool_file(path, settings)
+        assert (job.prompt_id, job.source) == ("shared-id", str(path))
+
+
+def test_duplicate_within_one_spool_file_names_both_places(tmp_path: Path) -> None:
+    config = spool_config(tmp_path)
+    spool_file = write(
         tmp_path / "jobs.d" / "20-batch.toml",
         """
         [[jobs]]
         server = "local"
-        prompt_id = "unique"
+        prompt_id = "twice"
 
         [[jobs]]
         server = "local"
-        prompt_id = "shared-id"
+        prompt_id = "twice"
         """,
     )
-    error = load_error(config)
-    assert_located(error, drop_in, "jobs[1].prompt_id", 7)
-    assert f"{config}:9" in error.message  # the first place
+    error = spool_error(config, spool_file)
+    assert_located(error, spool_file, "jobs[1].prompt_id", 7)
+    assert f"{spool_file}:3" in error.message  # the first place
     assert "jobs[0]" in error.message
-    assert "shared-id" in error.message
 
 
-def test_duplicate_between_two_drop_ins(tmp_path: Path) -> None:
-    config = drop_in_config(tmp_path)
-    first = write(tmp_path / "jobs.d" / "a.toml", '[[jobs]]\nserver = "local"\nprompt_id = "x"\n')
-    second = write(tmp_path / "jobs.d" / "b.toml", '[[jobs]]\nserver = "local"\nprompt_id = "x"\n')
-    error = load_error(config)
-    assert_located(error, second, "jobs[0].prompt_id", 3)
-    assert f"{first}:3" in error.message
-
-
-def test_drop_in_may_hold_only_jobs(tmp_path: Path) -> None:
-    config = drop_in_config(tmp_path)
-    drop_in = write(
+def test_spool_file_may_hold_only_jobs(tmp_path: Path) -> None:
+    config = spool_config(tmp_path)
+    spool_file = write(
         tmp_path / "jobs.d" / "a.toml",
         """
         [[jobs]]
@@ -1252,14 +1256,14 @@ def test_drop_in_may_hold_only_jobs(tmp_path: Path) -> None:
         url = "http://y"
         """,
     )
-    error = load_error(config)
-    assert_located(error, drop_in, "servers", 5)
+    error = spool_error(config, spool_file)
+    assert_located(error, spool_file, "servers", 5)
     assert "only hold [[jobs]]" in error.message
 
 
-def test_drop_in_job_errors_name_the_drop_in(tmp_path: Path) -> None:
-    config = drop_in_config(tmp_path)
-    drop_in = write(
+def test_spool_file_job_errors_name_the_spool_file(tmp_path: Path) -> None:
+    config = spool_config(tmp_path)
+    spool_file = write(
         tmp_path / "jobs.d" / "a.toml",
         """
         [[jobs]]
@@ -1271,42 +1275,63 @@ def test_drop_in_job_errors_name_the_drop_in(tmp_path: Path) -> None:
         prompt_id = "b"
         """,
     )
-    assert_located(load_error(config), drop_in, "jobs[1].server", 6)
+    error = spool_error(config, spool_file)
+    assert_located(error, spool_file, "jobs[1].server", 6)
+    assert "unknown server 'remote'" in error.message
 
 
-def test_drop_in_syntax_error(tmp_path: Path) -> None:
-    config = drop_in_config(tmp_path)
-    drop_in = write(tmp_path / "jobs.d" / "a.toml", '[[jobs]]\nserver = "local\n')
-    error = load_error(config)
-    assert_located(error, drop_in, None, 2)
+def test_spool_file_syntax_error(tmp_path: Path) -> None:
+    config = spool_config(tmp_path)
+    spool_file = write(tmp_path / "jobs.d" / "a.toml", '[[jobs]]\nserver = "local\n')
+    assert_located(spool_error(config, spool_file), spool_file, None, 2)
 
 
-def test_drop_in_that_is_a_directory(tmp_path: Path) -> None:
+def test_spool_file_that_is_a_directory(tmp_path: Path) -> None:
     """Tests run as root, so chmod 000 would not stop a read: use a directory instead."""
-    config = drop_in_config(tmp_path)
+    config = spool_config(tmp_path)
     (tmp_path / "jobs.d" / "x.toml").mkdir(parents=True)
-    error = load_error(config)
+    error = spool_error(config, tmp_path / "jobs.d" / "x.toml")
     assert error.file == str(tmp_path / "jobs.d" / "x.toml")
     assert "directory" in error.message
 
 
-def test_drop_in_not_utf8(tmp_path: Path) -> None:
-    config = drop_in_config(tmp_path)
-    drop_in = tmp_path / "jobs.d" / "x.toml"
-    drop_in.parent.mkdir()
-    drop_in.write_bytes(b'[[jobs]]\nserver = "local"\nprompt_id = "\xc3\x28"\n')
-    error = load_error(config)
-    assert_located(error, drop_in, None, 3)
+def test_spool_file_not_utf8(tmp_path: Path) -> None:
+    config = spool_config(tmp_path)
+    spool_file = tmp_path / "jobs.d" / "x.toml"
+    spool_file.parent.mkdir()
+    spool_file.write_bytes(b'[[jobs]]\nserver = "local"\nprompt_id = "\xc3\x28"\n')
+    error = spool_error(config, spool_file)
+    assert_located(error, spool_file, None, 3)
     assert "UTF-8" in error.message
 
 
-def test_drop_in_dangling_symlink(tmp_path: Path) -> None:
-    config = drop_in_config(tmp_path)
+@pytest.mark.parametrize("target", ["gone.toml", "real.toml"])
+def test_spool_file_that_is_a_symbolic_link(tmp_path: Path, target: str) -> None:
+    """Not followed, dangling or not: a spool file is a file of its own."""
+    config = spool_config(tmp_path)
+    write(tmp_path / "real.toml", '[[jobs]]\nserver = "local"\nprompt_id = "a"\n')
     (tmp_path / "jobs.d").mkdir()
-    (tmp_path / "jobs.d" / "x.toml").symlink_to(tmp_path / "gone.toml")
-    error = load_error(config)
+    (tmp_path / "jobs.d" / "x.toml").symlink_to(tmp_path / target)
+    error = spool_error(config, tmp_path / "jobs.d" / "x.toml")
     assert error.file == str(tmp_path / "jobs.d" / "x.toml")
-    assert "does not exist" in error.message
+    assert "is a symbolic link" in error.message
+
+
+def test_spool_file_that_is_a_named_pipe_is_not_waited_on(tmp_path: Path) -> None:
+    config = spool_config(tmp_path)
+    (tmp_path / "jobs.d").mkdir()
+    os.mkfifo(tmp_path / "jobs.d" / "x.toml")
+    error = spool_error(config, tmp_path / "jobs.d" / "x.toml")
+    assert "is not a regular file" in error.message
+
+
+def test_spool_file_too_large(tmp_path: Path) -> None:
+    config = spool_config(tmp_path)
+    big = write(tmp_path / "jobs.d" / "x.toml", "# padding\n")
+    with big.open("ab") as out:
+        out.truncate(MAX_SPOOL_BYTES + 1)
+    error = spool_error(config, big)
+    assert "larger than 16 MiB" in error.message
 
 
 # ---------------------------------------------------------------- secrets, commands
@@ -1503,50 +1528,30 @@ def test_redact_url() -> None:
 # --------------------------------------------------------------------- fingerprint
 
 
-def test_fingerprint_tracks_files(tmp_path: Path) -> None:
-    """Adding, removing, renaming or rewriting a drop-in or the main file changes it."""
-    config = drop_in_config(tmp_path)
+def test_fingerprint_tracks_the_main_file_not_the_spool(tmp_path: Path) -> None:
+    """Rewriting the main file changes it; files coming and going in jobs_dir do not (the
+    daemon ingests them without a reload)."""
+    config = spool_config(tmp_path)
     jobs_dir = tmp_path / "jobs.d"
     settings = load_settings(config, env={})
     before = config_fingerprint(settings)
     assert before == settings.fingerprint
     assert config_fingerprint(settings) == before  # stable while nothing changes
 
-    jobs_dir.mkdir()  # missing -> present (empty)
-    created = config_fingerprint(settings)
-    assert created != before
-
+    jobs_dir.mkdir()
     tmp = write(jobs_dir / ".a.toml.tmp", '[[jobs]]\nserver = "local"\nprompt_id = "a"\n')
-    assert config_fingerprint(settings) == created  # temp files do not count
+    tmp.rename(jobs_dir / "a.toml")
+    assert config_fingerprint(settings) == before
 
-    tmp.rename(jobs_dir / "a.toml")  # add
-    added = config_fingerprint(settings)
-    assert added != created
-
-    (jobs_dir / "a.toml").rename(jobs_dir / "b.toml")  # rename
-    renamed = config_fingerprint(settings)
-    assert renamed != added
-
-    drop_in = jobs_dir / "b.toml"
-    stat = drop_in.stat()
-    drop_in.write_text('[[jobs]]\nserver = "local"\nprompt_id = "b"\n', encoding="utf-8")
-    os.utime(drop_in, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime
-    rewritten = config_fingerprint(settings)
-    assert rewritten != renamed  # ctime still moves
-
-    drop_in.unlink()  # remove
-    removed = config_fingerprint(settings)
-    assert removed not in (rewritten, renamed)
-    assert removed == created
-
-    config.write_text(config.read_text(encoding="utf-8") + "\n", encoding="utf-8")
-    assert config_fingerprint(settings) != removed
+    stat = config.stat()
+    config.write_text(config.read_text(encoding="utf-8").replace("x", "y"), encoding="utf-8")
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime
+    assert config_fingerprint(settings) != before  # ctime still moves
 
 
 def test_fingerprint_taken_before_reading(tmp_path: Path) -> None:
     """settings.fingerprint matches a reload of unchanged files, so no spurious reloads."""
-    config = drop_in_config(tmp_path)
-    write(tmp_path / "jobs.d" / "a.toml", '[[jobs]]\nserver = "local"\nprompt_id = "a"\n')
+    config = spool_config(tmp_path)
     settings = load_settings(config, env={})
     assert config_fingerprint(settings) == settings.fingerprint
     assert load_settings(config, env={}).fingerprint == settings.fingerprint
@@ -1573,21 +1578,27 @@ def test_default_config_path() -> None:
 
 
 def test_shipped_example_config_loads(tmp_path: Path) -> None:
-    """config/comfywatch.toml loads as shipped, with its jobs.d beside it."""
+    """config/comfywatch.toml loads as shipped; the sample spool file is valid against it."""
     settings = load_settings(REPO / "config" / "comfywatch.toml", env={})
     assert settings.daemon.database_url == "sqlite:////var/lib/comfywatch/comfywatch.db"
-    assert settings.daemon.jobs_dir == REPO / "config" / "jobs.d"
+    assert settings.daemon.jobs_dir == Path("/var/lib/comfywatch/spool")
+    assert settings.daemon.keep_registered_files is True
     assert settings.servers["local"].url == "http://127.0.0.1:8188"
-    assert settings.jobs == ()  # the sample drop-in is not a .toml file
+    assert settings.jobs == ()
 
-    # The sample drop-in is valid once copied into place.
-    copy = tmp_path / "config"
-    shutil.copytree(REPO / "config", copy)
-    sample = copy / "jobs.d" / "example.toml.sample"
-    sample.rename(copy / "jobs.d" / "example.toml")
-    jobs = load_settings(copy / "comfywatch.toml", env={}).jobs
+    sample = REPO / "config" / "jobs.d" / "example.toml.sample"
+    jobs = read_spool_file(sample, settings)
     assert len(jobs) == 2
     assert all(job.server == "local" for job in jobs)
+
+
+def test_shipped_quickstart_config_loads() -> None:
+    """config/quickstart.toml: the database and the spool beside it."""
+    settings = load_settings(REPO / "config" / "quickstart.toml", env={})
+    assert settings.daemon.jobs_dir == REPO / "config" / "jobs.d"
+    assert settings.jobs == ()
+    jobs = read_spool_file(REPO / "config" / "jobs.d" / "example.toml.sample", settings)
+    assert len(jobs) == 2
 
 
 def test_settings_type_is_exported() -> None:

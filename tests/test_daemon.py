@@ -263,50 +263,53 @@ async def test_a_server_that_is_down_does_not_slow_the_others(
 async def test_job_dropped_in_while_running_is_tracked(
     tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
 ) -> None:
-    """A file written (then renamed) into jobs.d is picked up without a restart."""
+    """A file written (then renamed) into jobs_dir is picked up without a restart, and
+    moved to done/ once its jobs are committed."""
     first = fake.submit()
     daemon = await make_daemon(write_config(tmp_path, {"local": fake.url}, [spec(first)]))
     later = fake.submit()
     runner = asyncio.create_task(daemon.run())
     try:
-        tmp = tmp_path / "jobs.d" / ".batch.toml.tmp"
-        tmp.write_text(jobs_toml([spec(later, labels={"from": "drop-in"})]))
+        tmp = tmp_path / "jobs.d" / ".batch.tmp"
+        tmp.write_text(jobs_toml([spec(later, labels={"from": "spool"})]))
         tmp.rename(tmp_path / "jobs.d" / "batch.toml")
         await eventually(lambda: states(daemon), lambda s: s.get(later) == "success")
         record = await job(daemon, later)
-        assert record.job.labels == {"from": "drop-in"}
-        assert record.job.source is not None and record.job.source.endswith("batch.toml")
+        assert record.job.labels == {"from": "spool"}
+        assert record.job.source == str(tmp_path / "jobs.d" / "batch.toml")
+        assert not (tmp_path / "jobs.d" / "batch.toml").exists()
+        assert (tmp_path / "jobs.d" / "done" / "batch.toml").exists()
     finally:
         daemon.request_stop()
         assert await runner == 0
 
 
-async def test_broken_drop_in_on_reload_keeps_the_running_config(
+async def test_bad_spool_file_does_not_fail_a_reload(
     tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
 ) -> None:
+    """A reload reads the main file only: a bad spool file waiting in jobs_dir is no reason
+    to keep the old configuration (it is set aside when the loop reads it)."""
     first = fake.submit()
-    daemon = await make_daemon(write_config(tmp_path, {"local": fake.url}, [spec(first)]))
+    config = write_config(tmp_path, {"local": fake.url}, [spec(first)])
+    daemon = await make_daemon(config)
     (tmp_path / "jobs.d" / "bad.toml").write_text("[[jobs]]\nserver = 'nowhere'\nprompt_id = 'x'\n")
-    assert await daemon.reload(why="test") is False
-    assert daemon.settings.servers.keys() == {"local"}
-    (tmp_path / "jobs.d" / "bad.toml").unlink()
-    good = fake.submit()
-    (tmp_path / "jobs.d" / "good.toml").write_text(jobs_toml([spec(good)]))
+    config.write_text(config.read_text() + '\n[servers.second]\nurl = "http://127.0.0.1:9"\n')
     assert await daemon.reload(why="test") is True
-    assert good in await states(daemon)
+    assert daemon.settings.servers.keys() == {"local", "second"}
+    assert (tmp_path / "jobs.d" / "bad.toml").exists()  # the loop's to read, not the reload's
 
 
-async def test_removed_job_keeps_its_history(
-    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
+async def test_a_job_keeps_its_history_once_its_spool_file_is_gone(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon, clock: Clock
 ) -> None:
     pid = fake.submit()
     await fake.wait_finished(pid)
-    drop = tmp_path / "jobs.d" / "one.toml"
-    config = write_config(tmp_path, {"local": fake.url})
-    drop.write_text(jobs_toml([spec(pid)]))
+    config = write_config(tmp_path, {"local": fake.url}, daemon={"keep_registered_files": False})
+    (tmp_path / "jobs.d" / "one.toml").write_text(jobs_toml([spec(pid)]))
     daemon = await make_daemon(config)
+    await daemon.ingest_spool(budget_s=1)
+    assert list((tmp_path / "jobs.d").iterdir()) == []  # deleted, not moved to done/
     await daemon.poller.tick()
-    drop.unlink()
     assert await daemon.reload(why="test") is True
     assert (await job(daemon, pid)).job.state == "success"
 

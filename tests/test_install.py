@@ -222,11 +222,18 @@ def test_the_dockerfile_install_steps_give_working_commands(tmp_path: Path) -> N
     assert f"config: {config}" in checked.stdout and "local:" in checked.stdout
     image.run("comfywatch", "check-config", "--config", str(REPO / "config" / "comfywatch.toml"))
 
-    # The same config with the database on the (moved) volume and the HTTP endpoint on.
+    # The same config with the database and the spool on the (moved) volume and the HTTP
+    # endpoint on.
     text = config.read_text()
     text, replaced = re.subn(
         r'(?m)^database = "sqlite:////var/lib/comfywatch/comfywatch.db"$',
         f'database = "sqlite:///{image.path("/var/lib/comfywatch")}/comfywatch.db"',
+        text,
+    )
+    assert replaced == 1
+    text, replaced = re.subn(
+        r'(?m)^jobs_dir = "/var/lib/comfywatch/spool"$',
+        f'jobs_dir = "{image.path("/var/lib/comfywatch/spool")}"',
         text,
     )
     assert replaced == 1

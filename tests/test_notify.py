@@ -203,8 +203,9 @@ async def test_ready_comes_after_migrations_and_config_with_live_status(
     notify_socket: NotifySocket,
     daemon_process: StartDaemon,
 ) -> None:
-    """READY=1 is the first message, and by then the schema exists and every job (main file
-    and drop-ins) is registered; STATUS= carries live counts from then on."""
+    """READY=1 is the first message, and by then the schema exists and the main file's jobs
+    are registered (the spool is read after it: a flood of files never delays READY=1);
+    STATUS= carries live counts from then on."""
     fake.hold_running()
     running = fake.submit()
     waiting = fake.submit()
@@ -220,10 +221,12 @@ async def test_ready_comes_after_migrations_and_config_with_live_status(
     first = await notify_socket.next()
     assert ready(first), first
     assert await schema_is_current(tmp_path / "comfywatch.db")
-    assert registered(tmp_path / "comfywatch.db") == {running, waiting}  # file and drop-in
-    assert status(first) == (1, 1, 2, 0)
+    assert running in registered(tmp_path / "comfywatch.db")
+    assert status(first)[:2] == (1, 1)
 
-    # Ticks keep STATUS= current: both jobs tracked until they finish, then none.
+    # Ticks keep STATUS= current: the spool's job joins, both are tracked until they finish.
+    await notify_socket.until(lambda m: "STATUS" in m and status(m)[2] == 2)
+    assert registered(tmp_path / "comfywatch.db") == {running, waiting}
     fake.release()
     later = await notify_socket.until(lambda m: "STATUS" in m and status(m)[2] == 0)
     assert all("READY" not in m and "STOPPING" not in m for m in later)
@@ -269,10 +272,10 @@ async def test_sighup_and_file_changes_reload_between_reloading_and_ready(
     assert ready(after)
     assert status(after)[1] == 2  # the new server is counted by the time READY=1 is sent
 
-    # A broken drop-in: reload fails, READY=1 still follows, the old config keeps running.
-    tmp = tmp_path / "jobs.d" / ".broken.toml.tmp"
-    tmp.write_text("[[jobs]]\nserver = 'nowhere'\n")
-    tmp.rename(tmp_path / "jobs.d" / "broken.toml")
+    # A broken edit: reload fails, READY=1 still follows, the old config keeps running.
+    tmp = tmp_path / ".comfywatch.toml.tmp"
+    tmp.write_text(config.read_text() + "\n[[jobs]]\nserver = 'nowhere'\n")
+    tmp.rename(config)
     await notify_socket.until(lambda m: m.get("RELOADING") == "1")
     after = await notify_socket.next()
     assert ready(after) and status(after)[1] == 2
@@ -283,7 +286,7 @@ async def test_sighup_and_file_changes_reload_between_reloading_and_ready(
     assert await daemon.wait() == 0
     events = [line for line in daemon.stdout.decode().splitlines() if '"config_reloaded"' in line]
     assert len(events) == 2 and '"SIGHUP"' in events[0] and '"files changed"' in events[1]
-    assert b'"reload_failed"' in daemon.stdout and b"broken.toml" in daemon.stdout
+    assert b'"reload_failed"' in daemon.stdout and b"jobs[1].prompt_id" in daemon.stdout
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

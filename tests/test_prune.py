@@ -192,20 +192,25 @@ async def test_prune_age_units_and_bad_ages(tmp_path: Path, clock: Clock) -> Non
     assert code == 2 and "--older-than" in err
 
 
-async def test_prune_keeps_jobs_still_in_the_configuration(tmp_path: Path, clock: Clock) -> None:
-    """The daemon would register a pruned job that a drop-in still names as a new one."""
+async def test_prune_keeps_main_file_jobs_and_prunes_spooled_ones(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """A job the main file names is kept: every load registers it again, as a new job once
+    pruned. A job a spool file named is pruned like any other, whatever waits in the spool
+    (the command never reads it: not the same job again, not a broken file)."""
     config = await built_database(tmp_path, clock.now)
-    drop_in = tmp_path / "jobs.d" / "old.toml"
-    drop_in.write_text(jobs_toml([{"server": "local", "prompt_id": "old-success"}]))
+    config.write_text(
+        config.read_text() + "\n" + jobs_toml([{"server": "local", "prompt_id": "old-success"}])
+    )
+    waiting = tmp_path / "jobs.d" / "again.toml"
+    waiting.write_text(jobs_toml([{"server": "local", "prompt_id": "old-error"}]))
+    (tmp_path / "jobs.d" / "broken.toml").write_text("[[jobs]\n")
     code, out, err = await comfywatch("prune", "--older-than", "30d", "--config", str(config))
     assert code == 0, err
     assert out.startswith("deleted 2 jobs ")
-    assert "old-success" in prompts(snapshot(tmp_path / "comfywatch.db")).values()
-    drop_in.unlink()
-    code, out, err = await comfywatch("prune", "--older-than", "30d", "--config", str(config))
-    assert code == 0, err
-    assert out.startswith("deleted 1 job ")
-    assert "old-success" not in prompts(snapshot(tmp_path / "comfywatch.db")).values()
+    left = set(prompts(snapshot(tmp_path / "comfywatch.db")).values())
+    assert "old-success" in left and "old-error" not in left
+    assert sorted(p.name for p in (tmp_path / "jobs.d").iterdir()) == ["again.toml", "broken.toml"]
 
 
 async def wait_until(check: Callable[[], bool | Awaitable[bool]]) -> None:
@@ -277,32 +282,41 @@ async def test_daemon_prunes_by_retention_days_at_most_hourly(
         await store.close()
 
 
-async def test_daemon_keeps_old_jobs_still_in_the_config(
+async def test_daemon_prunes_spooled_jobs_and_files_but_keeps_main_file_jobs(
     tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon, clock: Clock
 ) -> None:
-    """A job still named by a drop-in is not pruned: the next load would register it again
-    as new (it would end as not_found and fire its hooks a second time). Once its file is
-    gone, the next prune takes it."""
-    old = Row("old-success", 40, JobState.SUCCESS, "success_saveimage_history.json", "delivered")
-    config = write_config(tmp_path, {"local": fake.url}, daemon={"retention_days": 30})
-    drop_in = tmp_path / "jobs.d" / "old.toml"
-    drop_in.write_text(jobs_toml([{"server": "local", "prompt_id": old.prompt_id}]))
+    """The daemon's retention: a job the main file names stays (the next load would register
+    it again as new, to end as not_found and fire its hooks a second time); a job a spool
+    file registered goes like any other. Files in done/ and rejected/ go retention_days
+    after they arrived there."""
+    fixture = "success_saveimage_history.json"
+    kept = Row("from-main-file", 40, JobState.SUCCESS, fixture, "delivered")
+    spooled = Row("from-spool", 40, JobState.SUCCESS, fixture, "delivered")
+    config = write_config(
+        tmp_path,
+        {"local": fake.url},
+        [{"server": "local", "prompt_id": kept.prompt_id}],
+        daemon={"retention_days": 30},
+    )
+    spool = tmp_path / "jobs.d"
+    (spool / "again.toml").write_text(jobs_toml([{"server": "local", "prompt_id": "from-spool"}]))
+    (spool / "bad.toml").write_text("[[jobs]\n")
     store = Store.open(load_settings(config).daemon.database_url)
     try:
-        await build(store, clock.now, [old])
+        await build(store, clock.now, [kept, spooled])
         daemon = await make_daemon(config)
         runner = asyncio.create_task(daemon.run())
         try:
-            await wait_ticks(daemon, 2)  # the first tick pruned (nothing)
-            loaded = daemon.settings
-            daemon.request_reload()  # as SIGHUP does
-            await wait_until(lambda: daemon.settings is not loaded)
-            assert await store_jobs(store) == [(old.prompt_id, "success")]
+            await eventually_prompts(store, {kept.prompt_id})
+            assert (spool / "done" / "again.toml").exists()
+            assert (spool / "rejected" / "bad.toml").exists()
+            assert (spool / "rejected" / "bad.error").exists()
+            await wait_ticks(daemon, 1)
 
-            drop_in.unlink()
-            await wait_until(lambda: not daemon.settings.jobs)  # it notices the file is gone
-            clock.advance(3601)
-            await eventually_prompts(store, set())
+            clock.advance(31 * DAY_S)  # the files arrived over 30 days ago (by this clock)
+            await wait_until(lambda: not any((spool / "done").iterdir()))
+            await wait_until(lambda: not any((spool / "rejected").iterdir()))
+            assert prompts_of(await store_jobs(store)) == [kept.prompt_id]
         finally:
             daemon.request_stop()
             assert await asyncio.wait_for(runner, WAIT_S) == 0

@@ -15,6 +15,7 @@ import structlog
 
 from comfywatch.errors import StoreError
 from comfywatch.metrics import Metrics
+from comfywatch.spool import Spool
 from comfywatch.store import Store, retention_cutoff
 
 log = structlog.get_logger("comfywatch.service")
@@ -28,8 +29,9 @@ PRUNE_EVERY_S = 3600.0
 class Housekeeping:
     """Keeps the gauges fresh and the database pruned; ``stop()`` ends a prune in flight."""
 
-    def __init__(self, *, store: Store, metrics: Metrics) -> None:
+    def __init__(self, *, store: Store, metrics: Metrics, spool: Spool | None = None) -> None:
         self._store = store
+        self._spool = spool
         self._metrics = metrics
         self._last_stats_s = 0.0
         self._last_prune_s = 0.0
@@ -68,12 +70,13 @@ class Housekeeping:
     async def _prune(
         self, now_s: float, retention_days: float, keep: Collection[tuple[str, str]]
     ) -> None:
+        cutoff_s = retention_cutoff(now_s, retention_days)
+        # The spool's done/ and rejected/ files age out with the jobs.
+        files = await self._spool.prune(cutoff_s) if self._spool is not None else 0
         try:
-            pruned = await self._store.prune(
-                retention_cutoff(now_s, retention_days), dry_run=False, keep=keep
-            )
+            pruned = await self._store.prune(cutoff_s, dry_run=False, keep=keep)
         except StoreError as exc:
             log.warning("prune_failed", error=str(exc))
             return
-        if pruned:
-            log.info("pruned", jobs=pruned, retention_days=retention_days)
+        if pruned or files:
+            log.info("pruned", jobs=pruned, spool_files=files, retention_days=retention_days)

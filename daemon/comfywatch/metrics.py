@@ -36,6 +36,10 @@ _HELP: Mapping[str, str] = {
         "Age (since registration) of the oldest job still registered, queued or running."
     ),
     "comfywatch_ticks_total": "Completed polling passes.",
+    "comfywatch_spool_files_total": "Files read from jobs_dir, by result (registered, rejected).",
+    "comfywatch_spool_files_waiting": (
+        "Files listed in jobs_dir and not yet read, as of the last pass."
+    ),
     "comfywatch_last_tick_timestamp_seconds": "Unix time of the last completed polling pass.",
 }
 
@@ -61,6 +65,10 @@ class Metrics:
             "comfywatch_oldest_active_job_age_seconds", "server", "state"
         )
         self.ticks = self._counter("comfywatch_ticks_total")
+        self.spool_files = self._counter("comfywatch_spool_files_total", "result")
+        for result in ("registered", "rejected"):
+            self.spool_files.labels(result)
+        self.spool_waiting = self._gauge("comfywatch_spool_files_waiting")
         self.last_tick = self._gauge("comfywatch_last_tick_timestamp_seconds")
 
     def _counter(self, name: str, *labels: str) -> Counter:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from comfywatch.housekeeping import Housekeeping
 from comfywatch.metrics import Metrics
 from comfywatch.notify import SystemdNotifier
 from comfywatch.poller import Poller
+from comfywatch.spool import Spool
 from comfywatch.store import ActiveJob, NewJob, Store
 from comfywatch.watchers import QueueWatchers
 
@@ -38,6 +40,9 @@ HINT_GAP_S = 0.5
 HOOK_STOP_GRACE_S = 10.0
 #: Delay before retrying a tick whose database transaction failed.
 STORE_RETRY_S = 1.0
+#: The longest a pass spends registering spool files before it ticks (the rest waits for
+#: the next pass): a flood of files delays ticks by this much at most.
+SPOOL_BUDGET_S = 1.0
 
 
 def new_jobs(settings: Settings) -> list[NewJob]:
@@ -54,7 +59,10 @@ def new_jobs(settings: Settings) -> list[NewJob]:
 
 
 def configured(settings: Settings) -> set[tuple[str, str]]:
-    """The (server, prompt_id) pairs the configuration names: never pruned (see Store.prune)."""
+    """The (server, prompt_id) pairs the main file names: never pruned (see Store.prune).
+
+    Spool files are read once, so the jobs they registered are pruned like any other.
+    """
     return {(job.server, job.prompt_id) for job in settings.jobs}
 
 
@@ -93,7 +101,8 @@ class Daemon:
         self._wake = asyncio.Event()
         self._hinted: set[str] = set()
         self._watchers = QueueWatchers(self._socket_event)
-        self._housekeeping = Housekeeping(store=store, metrics=self.metrics)
+        self.spool = Spool(settings, metrics=self.metrics)
+        self._housekeeping = Housekeeping(store=store, metrics=self.metrics, spool=self.spool)
         # Taken before the files were read, so an edit made during a load is not missed.
         self._fingerprint = settings.fingerprint
         # Whether the last tick was recorded (so the counts in self.status are current).
@@ -186,6 +195,7 @@ class Daemon:
         for client in stale:
             await client.close()
         self.dispatcher.configure(hooks=settings.hooks)
+        self.spool.configure(settings)
         self.settings = settings
         new = self._registered(added)
         if self.status.ready:
@@ -228,6 +238,7 @@ class Daemon:
                 else:
                     next_full_s = time.monotonic() + self.settings.daemon.poll_interval_s
                 self._hinted.clear()  # hints from before the tick are served by it
+                await self.ingest_spool()
                 retry_s = await self._one_tick(only)
                 self._reconnect_stalled()
                 if retry_s is not None:
@@ -263,6 +274,14 @@ class Daemon:
             await asyncio.wait({task})
         if not task.cancelled() and task.exception() is not None:
             log.error("hook_dispatcher_failed", error=repr(task.exception()))
+
+    async def ingest_spool(self, budget_s: float = SPOOL_BUDGET_S) -> list[ActiveJob]:
+        """Register what waits in ``jobs_dir`` (bad files are set aside, never fatal), and
+        hand the new jobs to the poller; returns them."""
+        added = await self.spool.ingest(self.store, now_s=self._clock(), budget_s=budget_s)
+        if added:
+            self.status.active_jobs += self._registered(added)
+        return added
 
     async def _one_tick(self, only: set[str] | None = None) -> float | None:
         """Run one tick (bounded by the stop grace period once a stop is requested);
@@ -315,7 +334,7 @@ class Daemon:
     async def _all_done(self) -> bool:
         """Whether ``--until-done`` may stop; never on counts older than a failed tick, and a
         busy database means "not yet", not a crash."""
-        if not self._tick_recorded or self.status.active_jobs != 0:
+        if not self._tick_recorded or self.status.active_jobs != 0 or self.spool.waiting:
             return False
         try:
             return await self.store.pending_delivery_count() == 0
@@ -387,6 +406,11 @@ async def run_daemon(settings: Settings, *, until_done: bool = False) -> int:
     store = Store.open(settings.daemon.database_url)
     try:
         await store.lock_for_daemon()
+        # What exists now (modules, classes, the ORM, settings) lives as long as the process:
+        # full collections skip it from here on. Scanning it again at each one stalled the
+        # loop for a few hundred ms on a busy machine while a flood of spool files came in.
+        gc.collect()
+        gc.freeze()
         daemon = Daemon(settings, store=store)
         daemon.install_signal_handlers()
         server = None

@@ -3,7 +3,8 @@
 Light on purpose: ``--version`` and ``--help`` import argparse and the state names only.
 Each command group's module is imported when one of its commands runs: ``daemon`` (run,
 check-config, migrate), ``jobs`` (jobs, show), ``hooks``, ``prune``, ``health``
-(healthcheck) and ``fake`` (fake-server). The queries read the database without Alembic
+(healthcheck), ``register`` (a spool file) and ``fake``
+(fake-server). The queries read the database without Alembic
 (:mod:`comfywatch.store.readonly`); only the daemon and ``fake-server`` need aiohttp.
 """
 
@@ -51,6 +52,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from comfywatch.cli import health
 
         return health.healthcheck(args)
+    if command == "register":
+        from comfywatch.cli import register
+
+        return register.register(args)
     if command == "fake-server":
         from comfywatch.cli import fake
 

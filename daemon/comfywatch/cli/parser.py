@@ -91,12 +91,32 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("ids", nargs="*", type=int, metavar="ID")
     retry.add_argument("--all-dead", action="store_true")
 
+    _add_register(sub, common)
+
     prune = sub.add_parser("prune", parents=[common], help="delete old terminal jobs")
     prune.add_argument("--older-than", type=_duration_s, required=True, metavar="AGE")
     prune.add_argument("--dry-run", action="store_true")
 
     _add_fake_server(sub)
     return parser
+
+
+def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``comfywatch register``: write a spool file for the running daemon."""
+    register = sub.add_parser(
+        "register", parents=[common], help="register jobs: write a file into jobs_dir"
+    )
+    register.add_argument("--server", required=True)
+    register.add_argument("prompt_ids", nargs="+", metavar="PROMPT_ID")
+    register.add_argument("--label", action="append", type=_label, default=[], metavar="KEY=VALUE")
+    register.add_argument(
+        "--hooks",
+        type=lambda text: [name for name in text.split(",") if name],
+        metavar="A,B",
+        help='hooks for these jobs ("" for none; default: default_hooks)',
+    )
+    register.add_argument("--wait", action="store_true", help="wait for the daemon's verdict")
+    register.add_argument("--timeout", type=float, default=60.0, metavar="S", help="for --wait")
 
 
 def _count(text: str) -> int:

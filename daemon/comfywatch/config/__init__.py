@@ -1,16 +1,17 @@
-"""Configuration: TOML files to validated, immutable settings, with job drop-ins.
+"""Configuration: the main TOML file to validated, immutable settings.
 
-``load_settings(path)`` reads the main file and every ``jobs_dir/*.toml`` drop-in and
-returns one frozen :class:`Settings`; every problem is a ConfigError naming the file, the
-dotted key and, where it can be found, the line. Secrets (header values, webhook keys,
-database passwords) never appear in an error message or a ``repr``.
-``config_fingerprint(settings)`` costs a few ``os.stat`` calls, so the daemon can compare
-it with ``settings.fingerprint`` on every tick and reload when a file changed.
+``load_settings(path)`` reads the main file and returns one frozen :class:`Settings`;
+every problem is a ConfigError naming the file, the dotted key and, where it can be
+found, the line. Secrets (header values, webhook keys, database passwords) never appear
+in an error message or a ``repr``. ``config_fingerprint(settings)`` costs a few
+``os.stat`` calls, so the daemon can compare it with ``settings.fingerprint`` on every
+tick and reload when a file changed. The spool files of ``jobs_dir`` are validated with
+the same ``[[jobs]]`` rules (``jobs``) by :mod:`comfywatch.spool`, never loaded here.
 
 Modules: ``settings`` (the frozen models, each also the schema of its table), ``schema``
-(the rules and defaults of values), ``loader`` (files, resolution), ``dropins``,
-``secrets``, ``document`` (located errors), ``keylines`` (key -> line), ``fingerprint``,
-``redact``.
+(the rules and defaults of values), ``loader`` (files, resolution), ``jobs`` (``[[jobs]]``
+tables), ``secrets``, ``document`` (located errors), ``keylines`` (key -> line),
+``fingerprint``, ``redact``.
 """
 
 from comfywatch.config.fingerprint import config_fingerprint

@@ -25,6 +25,7 @@ __all__ = [
     "Document",
     "check_top_level",
     "os_reason",
+    "parse_document",
     "read_document",
     "toml_type",
     "validate_table",
@@ -59,12 +60,17 @@ class Document:
 
 def read_document(path: Path, *, kind: str) -> Document:
     """Reads and parses ``path``; ``kind`` ("config file") names it in errors."""
-    problem: ConfigError | None = None
     try:
         raw = path.read_bytes()
     except (OSError, ValueError) as exc:
         reason = os_reason(exc) if isinstance(exc, OSError) else "not a valid path"
         raise ConfigError(f"cannot read {kind}: {reason}", file=str(path)) from None
+    return parse_document(path, raw, kind=kind)
+
+
+def parse_document(path: Path, raw: bytes, *, kind: str) -> Document:
+    """Parses ``raw``, the contents of ``path`` (read, or about to be written)."""
+    problem: ConfigError | None = None
     try:
         text = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:

@@ -1,10 +1,11 @@
-"""Loading: the main config file and its job drop-ins to one frozen :class:`Settings`.
+"""Loading: the main config file to one frozen :class:`Settings`.
 
 ``load_settings(path)`` reads the main file, validates each table as its settings model,
 then resolves what depends on the file's place and the environment: relative paths
 against the file's folder, webhook secrets, commands on ``PATH``, hook and server names,
-``[daemon]`` defaults for servers and jobs. It then reads the ``jobs_dir`` drop-ins (see
-:mod:`comfywatch.config.dropins`). Every problem is a ConfigError naming file, key and line.
+``[daemon]`` defaults for servers and jobs. Every problem is a ConfigError naming file,
+key and line. The spool files of ``jobs_dir`` are not read here: the daemon ingests them
+(:mod:`comfywatch.spool`), so nothing in the spool can stop a load.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import re
 import shutil
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -27,16 +27,14 @@ from comfywatch.config.document import (
     toml_type,
     validate_table,
 )
-from comfywatch.config.dropins import list_drop_ins, read_drop_in
-from comfywatch.config.fingerprint import StatKey, listing_key, stat_key
-from comfywatch.config.keylines import KeyPath, format_key
-from comfywatch.config.schema import suggest
+from comfywatch.config.fingerprint import StatKey, stat_key
+from comfywatch.config.jobs import check_hook_names, check_unique, job_specs
+from comfywatch.config.keylines import KeyPath
 from comfywatch.config.secrets import secret_from_env, secret_from_file
 from comfywatch.config.settings import (
     CommandHookSettings,
     DaemonSettings,
     HookSettings,
-    JobSpec,
     ServerSettings,
     Settings,
     WebhookHookSettings,
@@ -54,7 +52,7 @@ _MAIN_KEYS = ("daemon", "servers", "hooks", "jobs")
 
 
 def load_settings(path: str | Path, *, env: Mapping[str, str] | None = None) -> Settings:
-    """Reads and validates the config file at ``path`` and its job drop-ins.
+    """Reads and validates the config file at ``path`` (never the spool of ``jobs_dir``).
 
     ``env`` (default ``os.environ``) supplies ``secret_env`` values and the ``PATH`` that
     bare command names are looked up on. Raises ConfigError, and only ConfigError.
@@ -70,15 +68,6 @@ def default_config_path(env: Mapping[str, str]) -> Path:
     """The ``--config`` default: ``$COMFYWATCH_CONFIG``, else /etc/comfywatch/comfywatch.toml."""
     value = env.get(CONFIG_ENV_VAR, "")
     return Path(value) if value else DEFAULT_CONFIG_PATH
-
-
-@dataclass(slots=True)
-class _Seen:
-    """Where a job was first registered, for the duplicate-job error."""
-
-    source: str
-    line: int | None
-    key: str
 
 
 class _Loader:
@@ -97,19 +86,15 @@ class _Loader:
         servers = self._servers(doc, as_written)
         hooks, secret_keys = self._hooks(doc)
         daemon = self._daemon(doc, as_written, hooks)
-        drop_ins = None if daemon.jobs_dir is None else list_drop_ins(doc, daemon.jobs_dir)
-        listing = None if drop_ins is None else listing_key(drop_ins)
-        jobs = self._jobs(doc, daemon, servers, hooks)
-        for path in drop_ins or ():
-            jobs.extend(self._jobs(read_drop_in(path), daemon, servers, hooks))
-        self._check_unique(jobs)
+        jobs = job_specs(doc, servers=servers, hooks=hooks, default_hooks=daemon.default_hooks)
+        check_unique(jobs)
         return Settings(
             path=self.path,
             daemon=daemon,
             servers=MappingProxyType(servers),
             hooks=MappingProxyType(hooks),
-            jobs=tuple(job for job, _ in jobs),
-            fingerprint=(main_key, listing, tuple(secret_keys)),
+            jobs=tuple(located.job for located in jobs),
+            fingerprint=(main_key, tuple(secret_keys)),
         )
 
     def _resolve(self, path: str | Path) -> Path:
@@ -235,7 +220,7 @@ class _Loader:
             message = ""
         if message:
             raise doc.error((*loc, "database"), message)
-        self._check_hook_names(doc, (*loc, "default_hooks"), daemon.default_hooks, hooks)
+        check_hook_names(doc, (*loc, "default_hooks"), daemon.default_hooks, hooks)
         jobs_dir = None if daemon.jobs_dir is None else self._resolve(daemon.jobs_dir)
         return daemon.model_copy(update={"database_url": database_url, "jobs_dir": jobs_dir})
 
@@ -261,70 +246,3 @@ class _Loader:
         if database in ("", ":memory:") or "uri=true" in query.lower():
             return f"sqlite:///{database or ':memory:'}{sep}{query}"
         return f"sqlite:///{self._resolve(database)}{sep}{query}"
-
-    @staticmethod
-    def _check_hook_names(
-        doc: Document, loc: KeyPath, names: tuple[str, ...], hooks: Mapping[str, HookSettings]
-    ) -> None:
-        seen: set[str] = set()
-        for index, name in enumerate(names):
-            if name not in hooks:
-                known = ", ".join(hooks) or "none are configured"
-                raise doc.error(
-                    (*loc, index),
-                    f"unknown hook {name!r}{suggest(name, tuple(hooks))}; hooks: {known}",
-                )
-            if name in seen:
-                raise doc.error((*loc, index), f"hook {name!r} is listed twice")
-            seen.add(name)
-
-    def _jobs(
-        self,
-        doc: Document,
-        daemon: DaemonSettings,
-        servers: Mapping[str, ServerSettings],
-        hooks: Mapping[str, HookSettings],
-    ) -> list[tuple[JobSpec, _Seen]]:
-        tables = doc.data.get("jobs", [])
-        if not isinstance(tables, list):
-            raise doc.error(("jobs",), "must be an array of tables: write each job as [[jobs]]")
-        jobs: list[tuple[JobSpec, _Seen]] = []
-        for index, table in enumerate(tables):
-            loc: KeyPath = ("jobs", index)
-            job = validate_table(
-                doc,
-                JobSpec,
-                table,
-                loc,
-                given={"source": str(doc.path)},
-                defaults={"hooks": daemon.default_hooks},
-            )
-            if job.server not in servers:
-                known = ", ".join(servers) or "none are configured"
-                raise doc.error(
-                    (*loc, "server"),
-                    f"unknown server {job.server!r}{suggest(job.server, tuple(servers))}; "
-                    f"servers: {known}",
-                )
-            if "hooks" in table:  # the defaults were checked with [daemon]
-                self._check_hook_names(doc, (*loc, "hooks"), job.hooks, hooks)
-            where = _Seen(str(doc.path), doc.line_of((*loc, "prompt_id")), format_key(loc))
-            jobs.append((job, where))
-        return jobs
-
-    @staticmethod
-    def _check_unique(jobs: list[tuple[JobSpec, _Seen]]) -> None:
-        first: dict[tuple[str, str], _Seen] = {}
-        for job, where in jobs:
-            key = (job.server, job.prompt_id)
-            previous = first.setdefault(key, where)
-            if previous is where:
-                continue
-            place = f"{previous.source}:{previous.line}" if previous.line else previous.source
-            raise ConfigError(
-                f"duplicate job: server {job.server!r} prompt_id {job.prompt_id!r} "
-                f"is already registered at {place} ({previous.key})",
-                file=where.source,
-                key=f"{where.key}.prompt_id",
-                line=where.line,
-            )

@@ -118,7 +118,7 @@ HookSettings: TypeAlias = WebhookHookSettings | CommandHookSettings
 
 
 class JobSpec(Table):
-    """One prompt to track: a ``[[jobs]]`` table of the main file or a drop-in."""
+    """One prompt to track: a ``[[jobs]]`` table of the main file or of a spool file."""
 
     server: ServerRef
     prompt_id: PromptId
@@ -133,7 +133,8 @@ class DaemonSettings(Table):
     # Loaded, sqlite URLs carry an absolute path: sqlite:////abs/path.db
     database_url: NonEmptyText = Field("sqlite:///comfywatch.db", validation_alias="database")
     poll_interval_s: PositiveS = 1.0
-    jobs_dir: FilePath | None = None
+    jobs_dir: FilePath | None = None  # the spool: files renamed in are registered once
+    keep_registered_files: bool = True  # move them to jobs_dir/done/ (else delete them)
     not_found_after_s: DelayS = 60.0
     default_hooks: HookNames = ()
     http: Listen | None = None

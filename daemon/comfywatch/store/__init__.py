@@ -3,7 +3,8 @@
 - ``engine``: engine set-up (SQLite WAL, busy timeout, ``BEGIN IMMEDIATE``), transactions,
   the one-daemon lock, errors translated into :class:`~comfywatch.errors.StoreError`;
   ``schema``: the Alembic migrations runner; ``drivers``: URLs and driver errors.
-- ``jobs``, ``deliveries``, ``upkeep``: the queries, one mixin each, joined in ``facade``.
+- ``registration``, ``jobs``, ``deliveries``, ``upkeep``: the queries, one mixin each,
+  joined in ``facade``.
 - ``reads``: the listing queries in Core, shared with ``readonly``: the database opened
   for reading only, without Alembic (the command line's queries).
 - ``models``: the ORM tables (public: people query them); ``rows``: ORM rows into values.

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from comfywatch.store.deliveries import DeliveryQueries
 from comfywatch.store.jobs import JobQueries
+from comfywatch.store.registration import RegistrationQueries
 from comfywatch.store.upkeep import UpkeepQueries
 
 
-class Store(JobQueries, DeliveryQueries, UpkeepQueries):
+class Store(RegistrationQueries, JobQueries, DeliveryQueries, UpkeepQueries):
     """The database behind comfywatch: jobs, their outputs, and the hook outbox."""

@@ -1,4 +1,4 @@
-"""Job queries: registration, the active set for the poller, a tick's changes, lookups.
+"""Job queries: the active set for the poller, a tick's changes, lookups.
 
 A tick's changes are recorded in one transaction together with their outputs and the hook
 deliveries they owe (the outbox), so a hook is owed exactly when its job's end is durable.
@@ -7,7 +7,7 @@ deliveries they owe (the outbox), so a hook is owed exactly when its job's end i
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -15,7 +15,7 @@ from sqlalchemy import Table, bindparam, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from comfywatch.history import HistoryRecord, OutputRecord
-from comfywatch.states import ACTIVE_STATES, DeliveryState, JobState
+from comfywatch.states import ACTIVE_STATES, DeliveryState
 from comfywatch.store.engine import Database
 from comfywatch.store.models import HookDelivery, Job, JobOutput
 from comfywatch.store.reads import outputs_of, select_job, select_jobs
@@ -29,7 +29,6 @@ from comfywatch.store.values import (
     Change,
     JobFilter,
     JobRecord,
-    NewJob,
     output_columns,
 )
 
@@ -40,57 +39,7 @@ _DELIVERIES: Table = HookDelivery.__table__
 
 
 class JobQueries(Database):
-    """Registering, tracking and reading jobs."""
-
-    async def register(self, jobs: Iterable[NewJob], now_s: float) -> list[ActiveJob]:
-        """Insert jobs not yet known; refresh labels and hooks of known non-terminal ones.
-
-        Returns the rows it inserted and the non-terminal ones it refreshed, as they are
-        now (for the poller, which keeps the tracked jobs in memory).
-        """
-        wanted = {(j.server, j.prompt_id): j for j in jobs}
-        if not wanted:
-            return []
-        now = utc(now_s)
-        touched: list[Job] = []
-        async with self._session() as session:
-            existing = await _existing_jobs(session, wanted)
-            for key, spec in wanted.items():
-                row = existing.get(key)
-                if row is None:
-                    row = Job(
-                        server=spec.server,
-                        prompt_id=spec.prompt_id,
-                        state=JobState.REGISTERED,
-                        labels=dict(spec.labels),
-                        hooks=list(spec.hooks),
-                        source=spec.source,
-                        registered_at=now,
-                        updated_at=now,
-                    )
-                    session.add(row)
-                    touched.append(row)
-                elif row.state in ACTIVE_STATES and (
-                    row.labels != dict(spec.labels) or row.hooks != list(spec.hooks)
-                ):
-                    row.labels = dict(spec.labels)
-                    row.hooks = list(spec.hooks)
-                    row.updated_at = now
-                    touched.append(row)
-            await session.flush()  # the new rows' ids
-            return [
-                ActiveJob(
-                    id=row.id,
-                    server=row.server,
-                    prompt_id=row.prompt_id,
-                    state=row.state,
-                    registered_at=row.registered_at,
-                    queued_at=row.queued_at,
-                    started_at=row.started_at,
-                    hooks=tuple(str(h) for h in (row.hooks or [])),
-                )
-                for row in touched
-            ]
+    """Tracking and reading jobs (registering them: :mod:`comfywatch.store.registration`)."""
 
     async def active_jobs(self) -> list[ActiveJob]:
         async with self._session() as session:
@@ -170,23 +119,6 @@ class JobQueries(Database):
         """One job with its outputs, by database id."""
         async with self._session() as session:
             return await session.run_sync(lambda s: select_job(s.connection(), job_id))
-
-
-async def _existing_jobs(
-    session: AsyncSession, wanted: Iterable[tuple[str, str]]
-) -> dict[tuple[str, str], Job]:
-    """The jobs among ``wanted`` (server, prompt_id) pairs that are already registered."""
-    by_server: dict[str, list[str]] = {}
-    for server, prompt_id in wanted:
-        by_server.setdefault(server, []).append(prompt_id)
-    existing: dict[tuple[str, str], Job] = {}
-    for server, prompt_ids in by_server.items():
-        for chunk in chunks(prompt_ids):
-            rows = await session.scalars(
-                select(Job).where(Job.server == server, Job.prompt_id.in_(chunk))
-            )
-            existing.update({(r.server, r.prompt_id): r for r in rows})
-    return existing
 
 
 async def _lock_active(session: AsyncSession, ids: Sequence[int]) -> set[int]:
