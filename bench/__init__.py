@@ -1,0 +1,1 @@
+"""The comfywatch benchmark: run with ``python -m bench`` (see the README, "Benchmark")."""
