@@ -155,7 +155,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 async def quiet(sizes: Sizes) -> Result:
     """(1) Many pending over 4 servers, nothing finishing, socket up."""
     total = sizes.pick(10_000, 2_000)
-    window, settle = sizes.pick(60, 15), sizes.pick(10, 5)
+    window, settle = sizes.pick(30, 15), sizes.pick(10, 5)
     async with farm(4, total // 4, FOREVER_S) as (session, servers):
         ours = await _daemon_side(servers, session, window, settle)
     async with farm(4, total // 4, FOREVER_S) as (session, servers):
@@ -182,13 +182,12 @@ async def quiet(sizes: Sizes) -> Result:
 async def trickle(sizes: Sizes) -> Result:
     """(2) Pending on one server, graphs of a few KB, one finishing per second."""
     pending = sizes.pick(1_000, 300)
-    window = sizes.pick(60, 15)
+    window = sizes.pick(40, 15)
     args = (1, pending, 1.0, 4_000)
     async with farm(*args) as (session, servers):
         ours = await _daemon_side(servers, session, window, 5)
     async with farm(*args) as (session, servers):
         naive = await _naive_side(servers, session, window, 5)
-    cpu_ratio = ratio(ours["server_cpu_s"], naive["server_cpu_s"])
     rows = [
         [
             f"trickle {pending}: req/s per server",
@@ -204,14 +203,15 @@ async def trickle(sizes: Sizes) -> Result:
         ],
         [
             "trickle: server CPU s (daemon/naive)",
-            "<= 1/20",
+            "ratio <= 0.05",
             ours["server_cpu_s"],
             naive["server_cpu_s"],
         ],
-        ["trickle: server CPU ratio", "<= 0.05", cpu_ratio, None],
         ["trickle: finished in window", "", ours["finished"], naive["finished"]],
     ]
-    return {"rows": rows, "details": {"pending": pending, "comfywatch": ours, "naive": naive}}
+    details = {"pending": pending, "comfywatch": ours, "naive": naive}
+    details["server_cpu_ratio"] = ratio(ours["server_cpu_s"], naive["server_cpu_s"])
+    return {"rows": rows, "details": details}
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:

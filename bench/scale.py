@@ -45,7 +45,7 @@ async def _one_size(total: int, window_s: float, restart: bool) -> Result:
 async def memory(sizes: Sizes, with_startup: bool = False) -> Result:
     """(5) Daemon CPU and peak RSS by number pending; (6) the restart, on the largest."""
     counts = sizes.pick([1_000, 10_000, 100_000], [1_000, 10_000])
-    window = sizes.pick(30, 10)
+    window = sizes.pick(20, 10)
     results = {}
     for count in counts:
         results[count] = await _one_size(
