@@ -155,11 +155,11 @@ def ratio(a: float | None, b: float | None) -> float | None:
 async def quiet(sizes: Sizes) -> Result:
     """(1) Many pending over 4 servers, nothing finishing, socket up."""
     total = sizes.pick(10_000, 2_000)
-    window, settle = sizes.pick(30, 15), sizes.pick(10, 5)
+    window, settle = sizes.pick(30, 8), sizes.pick(10, 3)
     async with farm(4, total // 4, FOREVER_S) as (session, servers):
         ours = await _daemon_side(servers, session, window, settle)
     async with farm(4, total // 4, FOREVER_S) as (session, servers):
-        naive = await _naive_side(servers, session, sizes.pick(20, 10), 3)
+        naive = await _naive_side(servers, session, sizes.pick(20, 6), 2)
     rows = [
         [f"quiet {total}: daemon CPU % of a core", "<= 3", ours["daemon_cpu_pct"], None],
         [
@@ -181,13 +181,13 @@ async def quiet(sizes: Sizes) -> Result:
 
 async def trickle(sizes: Sizes) -> Result:
     """(2) Pending on one server, graphs of a few KB, one finishing per second."""
-    pending = sizes.pick(1_000, 300)
-    window = sizes.pick(40, 15)
+    pending = sizes.pick(1_000, 200)
+    window, settle = sizes.pick(40, 10), sizes.pick(5, 3)
     args = (1, pending, 1.0, 4_000)
     async with farm(*args) as (session, servers):
-        ours = await _daemon_side(servers, session, window, 5)
+        ours = await _daemon_side(servers, session, window, settle)
     async with farm(*args) as (session, servers):
-        naive = await _naive_side(servers, session, window, 5)
+        naive = await _naive_side(servers, session, window, settle)
     rows = [
         [
             f"trickle {pending}: req/s per server",
@@ -255,7 +255,7 @@ async def _naive_lag(count: int, run_time_s: float) -> dict[str, Any]:
 
 async def lag(sizes: Sizes) -> Result:
     """(3) Detection lag, with the socket and with ``websocket = false`` (interval 1 s)."""
-    count, run_time = sizes.pick(160, 40), 0.25
+    count, run_time = sizes.pick(160, 28), 0.25
     socket = await _daemon_lag(count, run_time, True)
     polled = await _daemon_lag(count, run_time, False)
     naive = await _naive_lag(count, run_time)
@@ -290,7 +290,7 @@ class Receiver:
 
 async def burst(sizes: Sizes) -> Result:
     """(4) Prompts finished before the daemon starts: commits/s and webhooks/s."""
-    count = sizes.pick(10_000, 2_000)
+    count = sizes.pick(10_000, 1_000)
     receiver = Receiver()
     app = web.Application()
     app.router.add_post("/hook", receiver.handle)
