@@ -93,6 +93,10 @@ class FakeServer:
     async def stats(self, session: aiohttp.ClientSession) -> dict[str, Any]:
         return dict(await get_json(session, f"{self.url}/_fake/stats"))
 
+    def cpu_s(self) -> float:
+        """CPU time of the whole server process (HTTP parsing included)."""
+        return process_cpu_s(self.proc.pid)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -101,6 +105,12 @@ class FakeServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of a process, from ``/proc/PID/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def client_costs(stats: Mapping[str, Any], prefix: str) -> dict[str, float]:
@@ -200,8 +210,7 @@ class Daemon:
 
     def cpu_s(self) -> float:
         assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICKS
+        return process_cpu_s(self.proc.pid)
 
     def peak_rss_mb(self) -> float:
         assert self.proc is not None
