@@ -22,8 +22,15 @@ import aiohttp
 from aiohttp import web
 
 from .naive import NaivePoller
-from .procs import DAEMON_AGENT, NAIVE_AGENT, TERMINAL_SQL, Daemon, FakeServer, client_costs
-from .procs import write_spool as write_spool
+from .procs import (
+    DAEMON_AGENT,
+    NAIVE_AGENT,
+    TERMINAL_SQL,
+    Daemon,
+    FakeServer,
+    client_costs,
+    write_spool,
+)
 
 FOREVER_S = 1_000_000.0
 Result = dict[str, Any]
