@@ -2,7 +2,7 @@
 
 Scenarios run one after another (each starts and stops its own processes). ``bulk`` and
 ``cli`` are the modules ``bench.bulk`` and ``bench.cli``; they are skipped with a note when
-absent. Options: ``--quick`` (smaller sizes, about 2-3 minutes), ``--only NAME`` (repeatable
+absent. Options: ``--quick`` (smaller sizes, about 3 minutes), ``--only NAME`` (repeatable
 or comma separated), ``--out results.json``.
 """
 
