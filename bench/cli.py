@@ -188,7 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     default_dir = Path(tempfile.gettempdir()) / "comfywatch-bench-cli"
     parser.add_argument("--dir", type=Path, default=default_dir, help="where the database is")
     parser.add_argument("--rebuild", action="store_true", help="build the database again")
+    parser.add_argument("--quick", action="store_true", help="two timed runs per command")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.runs = min(args.runs, 2)
 
     args.dir.mkdir(parents=True, exist_ok=True)
     db = args.dir / f"jobs-{args.jobs}-v{DATA_VERSION}.db"
