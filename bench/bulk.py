@@ -225,11 +225,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--log-level", default="info", help="the daemon's log level")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement")
+    parser.add_argument("--quick", action="store_true", help="one run of each measurement")
     return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.quick:
+        args.repeat = 1
+        args.jobs = min(args.jobs, 2_000)
+        args.deliveries = min(args.deliveries, 1_000)
     # The daemon's JSON log lines are part of the cost; they go to /dev/null.
     with Path(os.devnull).open("w") as devnull:
         configure_logging(args.log_level, "json", stream=devnull)

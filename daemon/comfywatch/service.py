@@ -33,9 +33,10 @@ log = structlog.get_logger("comfywatch.service")
 STOP_GRACE_S = 5.0
 #: The longest a tick waits for slow servers before recording the others' results.
 MIN_TICK_BUDGET_S = 1.0
-#: The shortest gap between polls of one server that WebSocket hints may cause (so a
-#: busy server is polled at most twice a second, however many prompts finish).
-HINT_GAP_S = 0.5
+#: The shortest gap between polls of one server that WebSocket hints may cause: a finish
+#: is recorded within tens of milliseconds, and a burst of finishes costs one history tail
+#: per gap (at most 20 a second), however many prompts finish.
+HINT_GAP_S = 0.05
 #: How long a stop waits for hook deliveries in flight before cancelling them.
 HOOK_STOP_GRACE_S = 10.0
 #: Delay before retrying a tick whose database transaction failed.

@@ -16,8 +16,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-#: Entries asked for beyond the drops counted (a finish masked by a put, a late frame).
-TAIL_MARGIN = 4
+#: Entries asked for beyond the drops counted: one already seen, to show the tail reaches
+#: back to the last one (a longer tail is asked when it does not, e.g. without the socket,
+#: where a put can mask a finish).
+TAIL_MARGIN = 1
 #: Tail growth: each fetch without overlap asks for this many times more, up to the cap.
 TAIL_GROWTH = 4
 TAIL_CAP = 1_024
