@@ -122,3 +122,38 @@ async def make_daemon(clock: Clock) -> AsyncIterator[Callable[[Path], Any]]:
         await daemon.poller.close()
         await daemon.dispatcher.close()
         await store.close()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """The SQLite file of the ``store`` fixture."""
+    return tmp_path / "db.sqlite"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    """A migrated store on a fresh SQLite file."""
+    db = Store.open("sqlite:///" + str(db_path))
+    await db.migrate()
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+@pytest.fixture
+async def receivers() -> AsyncIterator[Callable[..., Any]]:
+    """Start webhook receivers (``Receiver(...)`` arguments); all stopped afterwards."""
+    from .receiver import Receiver
+
+    started: list[Receiver] = []
+
+    async def start(*args: Any, **kwargs: Any) -> Receiver:
+        receiver = Receiver(*args, **kwargs)
+        await receiver.start()
+        started.append(receiver)
+        return receiver
+
+    yield start
+    for receiver in started:
+        await receiver.stop()

@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 import structlog
-from aiohttp import web
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
@@ -39,90 +38,13 @@ from comfywatch.states import JobState, Reason
 from comfywatch.store import Change, DeliveryRow, DeliveryState, NewJob, Store
 
 from .conftest import Clock
+from .receiver import WAIT_S
 
 SECRET_KEY = b"comfywatch-test-key-0123456789ab"
 WHSEC = "whsec_" + base64.b64encode(SECRET_KEY).decode()
-WAIT_S = 10.0  # upper bound on waiting for an event; never reached when things work
-
-
-class Receiver:
-    """A webhook receiver on a real port: answers with scripted statuses, records requests."""
-
-    def __init__(
-        self, statuses: Sequence[int] = (), *, body: bytes = b"ok", hang: bool = False
-    ) -> None:
-        self.statuses = list(statuses)
-        self.body = body
-        self.hang = hang
-        self.release = asyncio.Event()
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        self.active = 0
-        self.max_active = 0
-        self._changed = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hook", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}/hook?token=url-secret"
-
-    async def stop(self) -> None:
-        self.release.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        self.active += 1
-        self.max_active = max(self.max_active, self.active)
-        try:
-            async with self._changed:
-                self.requests.append((dict(request.headers), body))
-                self._changed.notify_all()
-            if self.hang:
-                await self.release.wait()
-        finally:
-            self.active -= 1
-        status = self.statuses.pop(0) if self.statuses else 200
-        return web.Response(status=status, body=self.body)
-
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        async with asyncio.timeout(WAIT_S), self._changed:
-            await self._changed.wait_for(predicate)
 
 
 # -- fixtures and helpers ---------------------------------------------------------------
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    db = Store.open("sqlite:///" + str(tmp_path / "db.sqlite"))
-    await db.migrate()
-    try:
-        yield db
-    finally:
-        await db.close()
-
-
-@pytest.fixture
-async def receivers() -> AsyncIterator[Callable[..., Any]]:
-    started: list[Receiver] = []
-
-    async def start(*args: Any, **kwargs: Any) -> Receiver:
-        receiver = Receiver(*args, **kwargs)
-        await receiver.start()
-        started.append(receiver)
-        return receiver
-
-    yield start
-    for receiver in started:
-        await receiver.stop()
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ from comfywatch.states import DeliveryState, JobState, Reason
 from comfywatch.store import Change, NewJob, Store, engine
 
 from .conftest import Clock
-from .test_hooks import WAIT_S, Receiver, webhook
+from .receiver import WAIT_S, Receiver
+from .test_hooks import webhook
 
 
 class LogWatch:
@@ -58,36 +59,6 @@ def watch_logs() -> Iterator[LogWatch]:
         processors.insert(0, watch)
         structlog.configure(processors=processors)
         yield watch
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "db.sqlite"
-
-
-@pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    db = Store.open("sqlite:///" + str(db_path))
-    await db.migrate()
-    try:
-        yield db
-    finally:
-        await db.close()
-
-
-@pytest.fixture
-async def receivers() -> AsyncIterator[Callable[..., Any]]:
-    started: list[Receiver] = []
-
-    async def start(*args: Any, **kwargs: Any) -> Receiver:
-        receiver = Receiver(*args, **kwargs)
-        await receiver.start()
-        started.append(receiver)
-        return receiver
-
-    yield start
-    for receiver in started:
-        await receiver.stop()
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ from comfywatch.testing import FakeComfyUI
 
 from .conftest import write_config
 from .helpers import comfywatch
-from .test_hooks import WHSEC, Receiver
+from .receiver import Receiver
+from .test_hooks import WHSEC
 
 HOOKS = """
 [hooks.notify]

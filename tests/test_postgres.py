@@ -24,7 +24,8 @@ from comfywatch.store.readonly import read, schema_revision
 
 from .conftest import write_config
 from .helpers import comfywatch, only_entry
-from .test_hooks import Receiver, webhook
+from .receiver import Receiver
+from .test_hooks import webhook
 from .test_migrations import _diff
 
 ADMIN_URL = os.environ.get("COMFYWATCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")

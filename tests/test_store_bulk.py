@@ -3,10 +3,7 @@ attempts recorded in batches. Real SQLite files; batches larger than the store's
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
-
-import pytest
+from collections.abc import Sequence
 
 from comfywatch.history import HistoryRecord, OutputRecord
 from comfywatch.states import DeliveryState, JobState, Reason
@@ -15,16 +12,6 @@ from comfywatch.store import Change, FinishedAttempt, JobFilter, NewJob, Store
 NOW_S = 1_700_000_000.0
 #: More than one chunk of the store's IN lists (500).
 MANY = 1_200
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    db = Store.open("sqlite:///" + str(tmp_path / "db.sqlite"))
-    await db.migrate()
-    try:
-        yield db
-    finally:
-        await db.close()
 
 
 async def register(store: Store, count: int, hooks: Sequence[str] = ("notify",)) -> list[int]:

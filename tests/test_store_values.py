@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -29,16 +28,6 @@ from comfywatch.views import output_json
 from .helpers import only_entry
 
 NOW_S = 1_700_000_000.0
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    db = Store.open("sqlite:///" + str(tmp_path / "db.sqlite"))
-    await db.migrate()
-    try:
-        yield db
-    finally:
-        await db.close()
 
 
 async def finished(store: Store, prompt_id: str = "p1") -> int:
