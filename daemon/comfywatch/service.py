@@ -239,7 +239,8 @@ class Daemon:
                 else:
                     next_full_s = time.monotonic() + self.settings.daemon.poll_interval_s
                 self._hinted.clear()  # hints from before the tick are served by it
-                await self.ingest_spool()
+                if only is None:  # the spool on full passes, not on every WebSocket hint
+                    await self.ingest_spool()
                 retry_s = await self._one_tick(only)
                 self._reconnect_stalled()
                 if retry_s is not None:

@@ -1,6 +1,6 @@
 """Ingesting the spool: each file of ``jobs_dir`` read once, its jobs committed, then moved.
 
-:meth:`Spool.ingest` is called once per loop pass. It lists the inbox only when the files
+:meth:`Spool.ingest` is called once per poll interval. It lists the inbox only when the files
 of the previous listing are all handled, so a pass costs what is waiting, never what was
 ever registered. Files are read in name order, in bounded batches, in a worker thread; a
 batch's jobs are committed in one transaction before its files leave the inbox. A crash
