@@ -65,6 +65,12 @@ class Job(Base):
     error_exception_message: Mapped[str | None]
     error_traceback: Mapped[str | None]
 
+    detail: Mapped[str | None]
+    progress_node: Mapped[str | None]
+    progress_value: Mapped[int | None]
+    progress_max: Mapped[int | None]
+    progress_at: Mapped[datetime | None]
+
     #: Up to 1 MB per job: loaded only when asked for (``Store.jobs(with_history=True)``).
     history: Mapped[dict[str, Any] | None] = deferred(tables.jobs.c.history)
 

@@ -133,6 +133,14 @@ jobs = Table(
     Column("error_exception_type", Text),
     Column("error_exception_message", Text),
     Column("error_traceback", Text),
+    # Why the state was reached when the reason alone does not say it, e.g. that the server
+    # was unreachable when a deadline passed.
+    Column("detail", Text),
+    # The last `progress` event ComfyUI broadcast for the prompt (this host's clock).
+    Column("progress_node", Text),
+    Column("progress_value", Integer),
+    Column("progress_max", Integer),
+    _at("progress_at"),
     # Up to 1 MB per job: read only when asked for.
     Column("history", JSON(none_as_null=True)),
     UniqueConstraint("server", "prompt_id"),
