@@ -13,9 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from structlog.testing import capture_logs
+
 from comfywatch.comfy import SocketEvent
+from comfywatch.housekeeping import STATS_EVERY_S, Housekeeping
+from comfywatch.metrics import Metrics
 from comfywatch.service import Daemon
-from comfywatch.store import JobFilter, JobRow
+from comfywatch.store import JobFilter, JobRow, NewJob, Store
 from comfywatch.testing import FakeComfyUI
 from comfywatch.views import iso, job_json
 from comfywatch.watch import ServerWatch
@@ -60,11 +64,14 @@ async def test_a_wall_clock_set_back_after_a_failed_poll_does_not_stop_polling(
     await fake.come_up()
 
     clock.step_wall(-3600)
-    assert (await daemon.poller.tick()).servers_polled == 0  # backed off (15 to 20 s)
-    clock.advance(daemon.poller.health()["local"].next_poll_mono_s - clock.mono())
-    report = await daemon.poller.tick()
+    assert (await daemon.poller.tick()).servers_polled == 0  # backed off: 15 to 20 s
+    clock.advance(21)
+    with capture_logs() as logs:
+        report = await daemon.poller.tick()
     assert (report.servers_polled, report.servers_failed) == (1, 0)
     assert daemon.poller.health()["local"].up is True
+    [recovered] = [e for e in logs if e["event"] == "server_recovered"]
+    assert recovered["down_for_s"] >= 21  # measured on the monotonic clock too
     assert (await row(daemon, pid)).state == "queued"
 
 
@@ -216,3 +223,21 @@ async def test_run_until_done_ends_when_the_deadline_passes_on_a_dead_server(
     assert shown["detail"].startswith("server unreachable since ")
     code, out, _ = await comfywatch("show", pid, "--config", str(config))
     assert code == 0 and f"detail:        {shown['detail']}" in out
+
+
+async def test_the_gauges_refresh_on_schedule_after_the_wall_clock_is_set_back(
+    store: Store, clock: Clock
+) -> None:
+    """Their interval runs on the monotonic clock; the ages they show, on the wall clock."""
+    metrics = Metrics()
+    housekeeping = Housekeeping(store=store, metrics=metrics, mono=clock.mono)
+    await store.register([NewJob("local", "p1", {}, (), "test")], clock.now)
+    await housekeeping.refresh_gauges(clock.now)
+    jobs = {"server": "local", "state": "registered"}
+    assert metrics.registry.get_sample_value("comfywatch_jobs", jobs) == 1
+
+    await store.register([NewJob("local", "p2", {}, (), "test")], clock.now)
+    clock.step_wall(-3600)
+    clock.advance(STATS_EVERY_S)
+    await housekeeping.refresh_gauges(clock.now)
+    assert metrics.registry.get_sample_value("comfywatch_jobs", jobs) == 2
