@@ -81,13 +81,20 @@ def test_a_poll_takes_the_time_of_the_first_change_it_looks_into() -> None:
     watch.socket_count(3, 1.0)  # the first count: nothing changed yet
     assert watch.take_change() is None
     watch.socket_count(3, 2.0)  # a start
-    watch.socket_count(2, 3.0)  # a finish
-    watch.socket_count(1, 4.0)
+    watch.socket_count(4, 2.5)  # a put
+    assert watch.take_change() is None
+    watch.socket_count(3, 3.0)  # a finish
+    watch.socket_count(2, 4.0)
     assert watch.take_change() == 3.0
     assert watch.take_change() is None  # taken by that poll
     watch.socket_disconnected(5.0)
-    watch.probed(0, 6.0)  # without the socket, a probe's answer shows it
+    watch.probed(1, 6.0)  # without the socket, a probe's answer shows it
     assert watch.take_change() == 6.0
+    watch.probed(2, 7.0)  # a put, which may hide a finish
+    assert watch.take_change() == 7.0
+    watch.probed(1, 8.0)
+    watch.forget_history()  # nothing tracked for a while: an old sign means nothing
+    assert watch.take_change() is None
 
 
 async def test_detection_lag_runs_from_the_socket_frame_on_the_monotonic_clock(

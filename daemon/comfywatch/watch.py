@@ -96,8 +96,9 @@ class ServerWatch:
     socket_dropped: bool = False
     #: The queue cannot be read (too large): never-seen jobs wait.
     queue_unreadable: bool = False
-    #: When the first change of the count not yet taken by a poll arrived (a socket
-    #: ``status`` frame or a probe's answer): what detection lag is measured from.
+    #: When the first sign of a finish not yet taken by a poll arrived (a drop in a socket
+    #: ``status`` frame, a drop or rise in a probe's answer): what detection lag is
+    #: measured from.
     changed_at_s: float | None = None
     _anchor_set: set[str] = field(default_factory=set)
 
@@ -148,8 +149,10 @@ class ServerWatch:
         previous, self.count = self.count, remaining
         if previous is None:
             return
-        if remaining != previous and self.changed_at_s is None:
-            self.changed_at_s = now_s
+        if self.changed_at_s is None and (
+            remaining < previous or (remaining > previous and not from_socket)
+        ):
+            self.changed_at_s = now_s  # a finish, or one a put may hide (see below)
         if remaining < previous:
             self.drops += previous - remaining
             self.need_tail = True
@@ -220,6 +223,7 @@ class ServerWatch:
         self._anchor_set.clear()
         self.anchor_known = False
         self.drops = 0
+        self.changed_at_s = None
 
     def take_change(self) -> float | None:
         """When the first change not yet looked into arrived, or ``None``; a poll takes it
