@@ -10,11 +10,11 @@ import contextlib
 import gc
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
+from comfywatch.clock import SYSTEM_CLOCK, Clock
 from comfywatch.comfy import SocketEvent
 from comfywatch.config import Settings, config_fingerprint, load_settings
 from comfywatch.errors import ConfigError, StoreError
@@ -89,8 +89,10 @@ class Daemon:
         store: Store,
         metrics: Metrics | None = None,
         notifier: SystemdNotifier | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        """``clock``: the wall clock for what is stored and decided on stored times, the
+        monotonic one for what is scheduled (the loop's own sleeps use the event loop's)."""
         self.settings = settings
         self.store = store
         self.metrics = metrics or Metrics()
@@ -103,7 +105,9 @@ class Daemon:
         self._hinted: set[str] = set()
         self._watchers = QueueWatchers(self._socket_event)
         self.spool = Spool(settings, metrics=self.metrics)
-        self._housekeeping = Housekeeping(store=store, metrics=self.metrics, spool=self.spool)
+        self._housekeeping = Housekeeping(
+            store=store, metrics=self.metrics, spool=self.spool, mono=clock.mono
+        )
         # Taken before the files were read, so an edit made during a load is not missed.
         self._fingerprint = settings.fingerprint
         # Whether the last tick was recorded (so the counts in self.status are current).
@@ -124,7 +128,7 @@ class Daemon:
             hooks=settings.hooks,
             concurrency=d.hook_concurrency,
             metrics=self.metrics,
-            clock=clock,
+            clock=clock.wall,
         )
 
     # -- control ------------------------------------------------------------------------
@@ -148,7 +152,7 @@ class Daemon:
     async def start(self) -> None:
         """Migrate the schema and register the configured jobs."""
         await self.store.migrate()
-        added = await self.store.register(new_jobs(self.settings), self._clock())
+        added = await self.store.register(new_jobs(self.settings), self._clock.wall())
         # STATUS= goes out with READY=1: counts from the database, not zeros. No server has
         # failed a poll yet (ticks count a server as up until one does).
         self.status.active_jobs = await self.poller.load()
@@ -174,7 +178,7 @@ class Daemon:
     async def _reload(self, why: str) -> bool:
         try:
             settings = load_settings(self.settings.path)
-            added = await self.store.register(new_jobs(settings), self._clock())
+            added = await self.store.register(new_jobs(settings), self._clock.wall())
         except ConfigError as exc:
             log.error("reload_failed", why=why, error=str(exc), kept="previous configuration")
             # A broken file: do not try again until the files change again.
@@ -280,7 +284,7 @@ class Daemon:
     async def ingest_spool(self, budget_s: float = SPOOL_BUDGET_S) -> list[ActiveJob]:
         """Register what waits in ``jobs_dir`` (bad files are set aside, never fatal), and
         hand the new jobs to the poller; returns them."""
-        added = await self.spool.ingest(self.store, now_s=self._clock(), budget_s=budget_s)
+        added = await self.spool.ingest(self.store, now_s=self._clock.wall(), budget_s=budget_s)
         if added:
             self.status.active_jobs += self._registered(added)
         return added
@@ -311,7 +315,7 @@ class Daemon:
         self._tick_recorded = True
         if report.changed:
             self.dispatcher.wake()
-        now = self._clock()
+        now = self._clock.wall()
         self.status.active_jobs = report.active
         self.status.last_tick_monotonic = time.monotonic()
         health = self.poller.health()
