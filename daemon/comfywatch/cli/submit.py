@@ -94,7 +94,7 @@ def describe_refusal(
     message = str(error.get("message") or error.get("type") or "refused")
     details = str(error.get("details") or "")
     head = f"{server} refused the workflow: {message}"
-    if details and not node_errors:
+    if details and details != message and not node_errors:
         head += f" ({details})"
     return [head, *describe_node_errors(node_errors)]
 
