@@ -54,7 +54,11 @@ class Look:
 
     def succeeded(self, prompt_id: str) -> bool:
         rows = self.jobs.get(prompt_id, [])
-        return self.ended(prompt_id) and all(r.state is JobState.SUCCESS for r in rows)
+        return (
+            self.ended(prompt_id)
+            and prompt_id not in self.rejected
+            and all(r.state is JobState.SUCCESS for r in rows)
+        )
 
 
 class JobWatch:
