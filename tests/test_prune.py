@@ -176,12 +176,15 @@ async def test_prune_removes_exactly_old_terminal_jobs_with_their_rows(
 
 async def test_prune_age_units_and_bad_ages(tmp_path: Path, clock: Clock) -> None:
     config = await built_database(tmp_path, clock.now)
-    # 35 days, in hours or bare (days): only the 40-day-old ones.
-    for age in (f"{35 * 24}h", "35"):
+    # 35 days, in hours, days or weeks: only the 40-day-old ones.
+    for age in (f"{35 * 24}h", "35d", "5w"):
         code, out, _ = await comfywatch(
             "prune", "--older-than", age, "--dry-run", "--config", str(config)
         )
         assert code == 0 and out.startswith("would delete 2 jobs "), age
+    # A bare number could be any unit: refused, in one line.
+    code, out, err = await comfywatch("prune", "--older-than", "35", "--config", str(config))
+    assert (code, out) == (2, "") and err.count("\n") == 1 and "30d" in err
     code, out, _ = await comfywatch(
         "prune", "--older-than", "0", "--dry-run", "--config", str(config)
     )
