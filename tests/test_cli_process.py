@@ -191,3 +191,25 @@ def test_new_secret_is_a_fresh_standard_webhooks_secret() -> None:
         "webhook-signature": signature,
     }
     assert webhook.verify('{"a": 1}', headers) == {"a": 1}
+
+
+# ------------------------------------------------------------------ check-config
+
+
+def test_check_config_reports_every_mistake(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        {"local": {"url": "http://127.0.0.1:9", "reqest_timeout_s": 5}},
+        [{"server": "elsewhere", "prompt_id": "a"}],
+        daemon={"pol_interval_s": 1},
+    )
+    done = run("check-config", "--config", str(config))
+    assert done.returncode == 78
+    lines = done.stderr.splitlines()
+    assert [line.split(": ")[3] for line in lines] == [
+        "daemon.pol_interval_s",
+        "servers.local.reqest_timeout_s",
+        "jobs[0].server",
+    ], done.stderr
+    assert all(line.startswith(f"comfywatch: configuration error: {config}:") for line in lines)
+    assert done.stdout == ""
