@@ -13,7 +13,7 @@ deliveries newest first (the primary key).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -55,6 +55,26 @@ def select_jobs(
     names = (*_JOB_FIELDS, "history") if with_history else _JOB_FIELDS
     jobs = [_job_row(names, row) for row in conn.execute(_job_query(flt, names))]
     return _records(conn, jobs, with_deliveries=with_deliveries)
+
+
+def select_known(
+    conn: Connection, keys: Collection[tuple[str, str]]
+) -> dict[tuple[str, str], JobRow]:
+    """The rows of the jobs among ``keys`` (server, prompt_id) that are registered."""
+    c = _JOBS.c
+    by_server: dict[str, list[str]] = {}
+    for server, prompt_id in keys:
+        by_server.setdefault(server, []).append(prompt_id)
+    known: dict[tuple[str, str], JobRow] = {}
+    for server, prompt_ids in by_server.items():
+        for chunk in chunks(prompt_ids):
+            query = select(*(c[name] for name in _JOB_FIELDS)).where(
+                c.server == server, c.prompt_id.in_(chunk)
+            )
+            for row in conn.execute(query):
+                job = _job_row(_JOB_FIELDS, row)
+                known[(job.server, job.prompt_id)] = job
+    return known
 
 
 def select_job(conn: Connection, job_id: int) -> JobRecord | None:
