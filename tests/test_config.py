@@ -1757,7 +1757,7 @@ def test_shipped_example_config_loads(tmp_path: Path) -> None:
     assert settings.servers["local"].url == "http://127.0.0.1:8188"
     assert settings.jobs == ()
 
-    sample = REPO / "config" / "jobs.d" / "example.toml.sample"
+    sample = REPO / "config" / "spool-example.toml"
     jobs = read_spool_file(sample, settings)
     assert len(jobs) == 2
     assert all(job.server == "local" for job in jobs)
@@ -1768,7 +1768,7 @@ def test_shipped_quickstart_config_loads() -> None:
     settings = load_settings(REPO / "config" / "quickstart.toml", env={})
     assert settings.daemon.jobs_dir == REPO / "config" / "jobs.d"
     assert settings.jobs == ()
-    jobs = read_spool_file(REPO / "config" / "jobs.d" / "example.toml.sample", settings)
+    jobs = read_spool_file(REPO / "config" / "spool-example.toml", settings)
     assert len(jobs) == 2
 
 
