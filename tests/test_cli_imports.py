@@ -60,11 +60,18 @@ def imported(*args: str, packages: bool = True) -> tuple[int, set[str], str]:
         ),
         ["hooks", "retry", "--help"],
         ["hooks", "test", "--help"],
+        ["hooks", "new-secret", "--help"],
     ],
 )
 def test_version_and_help_import_no_heavy_library(args: list[str]) -> None:
     code, names, out = imported(*args)
     assert code == 0 and ("comfywatch" in out or "usage:" in out)
+    assert names.isdisjoint(HEAVY), sorted(names & HEAVY)
+
+
+def test_new_secret_imports_no_heavy_library() -> None:
+    code, names, out = imported("hooks", "new-secret")
+    assert code == 0 and out.startswith("whsec_")
     assert names.isdisjoint(HEAVY), sorted(names & HEAVY)
 
 

@@ -1184,6 +1184,151 @@ def test_unreadable_main_file(tmp_path: Path, kind: str) -> None:
         assert "UTF-8" in error.message
 
 
+def test_every_mistake_is_reported_in_one_load(tmp_path: Path) -> None:
+    """A load reports all its mistakes, in file order, each with file, line and key (a
+    misspelt key before the missing one it stands for)."""
+    config = write(
+        tmp_path / "comfywatch.toml",
+        """
+        [daemon]
+        database = "comfywatch.db"
+        default_hooks = ["nope"]
+
+        [servers.local]
+        url = "http://x"
+        reqest_timeout_s = 5
+        queue_timeout_s = -1
+
+        [servers."bad name"]
+        url = "http://y"
+
+        [hooks.w]
+        type = "webhook"
+        url = "https://e.com"
+        argv = ["x"]
+
+        [[jobs]]
+        server = "elsewhere"
+        prompt_id = "a"
+
+        [[jobs]]
+        server = "local"
+        promt_id = "b"
+
+        [[jobs]]
+        server = "local"
+        prompt_id = "c"
+        hooks = ["w", "v"]
+
+        [[jobs]]
+        server = "local"
+        prompt_id = "d"
+
+        [[jobs]]
+        server = "local"
+        prompt_id = "d"
+
+        [deamon]
+        poll_interval_s = 1
+        """,
+    )
+    error = load_error(config)
+    found = [(problem.line, problem.key) for problem in error.problems]
+    assert found == [
+        (2, "daemon.database"),
+        (3, "daemon.default_hooks[0]"),
+        (7, "servers.local.reqest_timeout_s"),
+        (8, "servers.local.queue_timeout_s"),
+        (10, 'servers."bad name"'),
+        (16, "hooks.w.argv"),
+        (19, "jobs[0].server"),
+        (24, "jobs[1].promt_id"),
+        (22, "jobs[1].prompt_id"),
+        (29, "jobs[2].hooks[1]"),
+        (37, "jobs[4].prompt_id"),
+        (39, "deamon"),
+    ], str(error)
+    assert_located(error, config, "daemon.database", 2)  # the first one's place
+    lines = str(error).splitlines()
+    assert len(lines) == len(found)
+    for line, (number, key) in zip(lines, found, strict=True):
+        assert line.startswith(f"{config}:{number}: {key}: "), line
+    assert "did you mean 'prompt_id'?" in lines[7] and "required key is missing" in lines[8]
+    assert "already registered at" in lines[10] and "jobs[3]" in lines[10]
+
+
+def test_checks_that_need_a_valid_table_wait_for_it(tmp_path: Path) -> None:
+    """What the loader checks beyond a table's own rules (here: that default_hooks names
+    hooks) is checked once the table itself is right."""
+    config = write(
+        tmp_path / "comfywatch.toml",
+        """
+        [daemon]
+        pol_interval_s = 1
+        log_level = "verbose"
+        default_hooks = ["nope"]
+        """,
+    )
+    error = load_error(config)
+    assert [(p.line, p.key) for p in error.problems] == [
+        (2, "daemon.pol_interval_s"),
+        (3, "daemon.log_level"),
+    ], str(error)
+
+
+def test_a_broken_table_is_one_mistake_not_one_per_use(tmp_path: Path) -> None:
+    """A server or hook whose table is wrong is still a name that exists: the jobs and the
+    daemon that name it are not wrong too."""
+    config = write(
+        tmp_path / "comfywatch.toml",
+        """
+        [daemon]
+        default_hooks = ["w"]
+
+        [servers.local]
+        urll = "http://x"
+
+        [hooks.w]
+        type = "webhook"
+
+        [[jobs]]
+        server = "local"
+        prompt_id = "a"
+        hooks = ["w"]
+        """,
+    )
+    error = load_error(config)
+    assert [(p.line, p.key) for p in error.problems] == [
+        (5, "servers.local.urll"),
+        (4, "servers.local.url"),
+        (7, "hooks.w.url"),
+    ], str(error)
+
+
+def test_a_table_of_the_wrong_kind_hides_no_other_mistake(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "comfywatch.toml",
+        """
+        servers = 1
+        hooks = "x"
+
+        [daemon]
+        poll_interval_s = -1
+
+        [[jobs]]
+        server = "anything"
+        prompt_id = "a"
+        hooks = ["anything"]
+        """,
+    )
+    error = load_error(config)
+    assert [(p.line, p.key) for p in error.problems] == [
+        (1, "servers"),
+        (2, "hooks"),
+        (5, "daemon.poll_interval_s"),
+    ], str(error)
+
+
 # ---------------------------------------------------------------------- spool files
 
 
@@ -1241,6 +1386,32 @@ def test_duplicate_within_one_spool_file_names_both_places(tmp_path: Path) -> No
     assert_located(error, spool_file, "jobs[1].prompt_id", 7)
     assert f"{spool_file}:3" in error.message  # the first place
     assert "jobs[0]" in error.message
+
+
+def test_every_mistake_of_a_spool_file_is_reported(tmp_path: Path) -> None:
+    config = spool_config(tmp_path)
+    spool_file = write(
+        tmp_path / "jobs.d" / "a.toml",
+        """
+        [[jobs]]
+        server = "elsewhere"
+        prompt_id = "a"
+
+        [[jobs]]
+        server = "local"
+        prompt_id = "b"
+        hooks = ["none"]
+
+        [servers.other]
+        url = "http://y"
+        """,
+    )
+    error = spool_error(config, spool_file)
+    assert [(p.file, p.line, p.key) for p in error.problems] == [
+        (str(spool_file), 2, "jobs[0].server"),
+        (str(spool_file), 8, "jobs[1].hooks[0]"),
+        (str(spool_file), 10, "servers"),
+    ], str(error)
 
 
 def test_spool_file_may_hold_only_jobs(tmp_path: Path) -> None:
@@ -1586,7 +1757,7 @@ def test_shipped_example_config_loads(tmp_path: Path) -> None:
     assert settings.servers["local"].url == "http://127.0.0.1:8188"
     assert settings.jobs == ()
 
-    sample = REPO / "config" / "jobs.d" / "example.toml.sample"
+    sample = REPO / "config" / "spool-example.toml"
     jobs = read_spool_file(sample, settings)
     assert len(jobs) == 2
     assert all(job.server == "local" for job in jobs)
@@ -1597,7 +1768,7 @@ def test_shipped_quickstart_config_loads() -> None:
     settings = load_settings(REPO / "config" / "quickstart.toml", env={})
     assert settings.daemon.jobs_dir == REPO / "config" / "jobs.d"
     assert settings.jobs == ()
-    jobs = read_spool_file(REPO / "config" / "jobs.d" / "example.toml.sample", settings)
+    jobs = read_spool_file(REPO / "config" / "spool-example.toml", settings)
     assert len(jobs) == 2
 
 

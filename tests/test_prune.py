@@ -12,6 +12,7 @@ import json
 import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from comfywatch.config import load_settings
@@ -20,6 +21,7 @@ from comfywatch.service import Daemon
 from comfywatch.states import JobState, Reason
 from comfywatch.store import Change, DeliveryState, JobFilter, NewJob, Store
 from comfywatch.testing import FakeComfyUI
+from comfywatch.views import iso
 
 from .conftest import Clock, jobs_toml, write_config
 from .helpers import comfywatch
@@ -142,6 +144,41 @@ async def test_prune_dry_run_counts_and_changes_nothing(tmp_path: Path, clock: C
     assert snapshot(db) == before
 
 
+async def test_prune_dry_run_lists_what_would_go_and_what_is_kept_and_why(
+    tmp_path: Path, clock: Clock
+) -> None:
+    config = await built_database(tmp_path, clock.now)
+    config.write_text(
+        config.read_text() + "\n" + jobs_toml([{"server": "local", "prompt_id": "old-success"}])
+    )
+    code, out, err = await comfywatch(
+        "prune", "--older-than", "30d", "--dry-run", "--config", str(config)
+    )
+    assert code == 0, err
+
+    def ended(prompt_id: str) -> str:
+        [row] = [r for r in ROWS if r.prompt_id == prompt_id]
+        return iso(datetime.fromtimestamp(clock.now - row.days_ago * DAY_S, tz=UTC)) or ""
+
+    sections = out.split("\nkept ")
+    assert len(sections) == 3, out
+    doomed, listed, owing = (section.splitlines() for section in sections)
+    assert doomed[0].startswith("would delete 2 jobs finished before ")
+    assert doomed[1].split() == ["SERVER", "PROMPT_ID", "STATE", "FINISHED"]
+    # Oldest first: each with its server, state and end.
+    assert [line.split() for line in doomed[2:]] == [
+        ["local", "old-error", "error", ended("old-error")],
+        ["local", "old-lost", "lost", ended("old-lost")],
+    ]
+    assert listed[0] == f"1 job listed in the [[jobs]] of {config}:"
+    assert "registers these again" in listed[1] and "as a new job" in listed[1]
+    assert [line.split() for line in listed[3:]] == [
+        ["local", "old-success", "success", ended("old-success")]
+    ]
+    assert owing[0] == "1 job still owing a hook delivery:"
+    assert [line.split()[1] for line in owing[3:]] == ["old-pending-hook"]
+
+
 async def test_prune_removes_exactly_old_terminal_jobs_with_their_rows(
     tmp_path: Path, clock: Clock
 ) -> None:
@@ -176,12 +213,15 @@ async def test_prune_removes_exactly_old_terminal_jobs_with_their_rows(
 
 async def test_prune_age_units_and_bad_ages(tmp_path: Path, clock: Clock) -> None:
     config = await built_database(tmp_path, clock.now)
-    # 35 days, in hours or bare (days): only the 40-day-old ones.
-    for age in (f"{35 * 24}h", "35"):
+    # 35 days, in hours, days or weeks: only the 40-day-old ones.
+    for age in (f"{35 * 24}h", "35d", "5w"):
         code, out, _ = await comfywatch(
             "prune", "--older-than", age, "--dry-run", "--config", str(config)
         )
         assert code == 0 and out.startswith("would delete 2 jobs "), age
+    # A bare number could be any unit: refused, in one line.
+    code, out, err = await comfywatch("prune", "--older-than", "35", "--config", str(config))
+    assert (code, out) == (2, "") and err.count("\n") == 1 and "30d" in err
     code, out, _ = await comfywatch(
         "prune", "--older-than", "0", "--dry-run", "--config", str(config)
     )

@@ -6,6 +6,8 @@ the layer that owns the foreign library; nothing above that layer sees the origi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class ComfywatchError(Exception):
     """Root of every error comfywatch raises on purpose."""
@@ -35,6 +37,35 @@ class ConfigError(ComfywatchError):
         if self.key:
             return f"{where}: {self.key}: {self.message}"
         return f"{where}: {self.message}"
+
+    @property
+    def problems(self) -> tuple[ConfigError, ...]:
+        """Every mistake this error reports: itself, or each one of :class:`ConfigErrors`."""
+        return (self,)
+
+
+class ConfigErrors(ConfigError):
+    """Several mistakes found in one reading, one per line of ``str()``; ``message``,
+    ``file``, ``key`` and ``line`` are the first one's."""
+
+    def __init__(self, problems: Sequence[ConfigError]) -> None:
+        self._problems = tuple(one for error in problems for one in error.problems)
+        first = self._problems[0]
+        super().__init__(first.message, file=first.file, key=first.key, line=first.line)
+
+    def __str__(self) -> str:
+        return "\n".join(str(problem) for problem in self._problems)
+
+    @property
+    def problems(self) -> tuple[ConfigError, ...]:
+        return self._problems
+
+
+def config_errors(problems: Sequence[ConfigError]) -> ConfigError:
+    """One error for ``problems`` (at least one): the error itself if alone."""
+    if not problems:
+        raise ValueError("config_errors() needs at least one problem")
+    return problems[0] if len(problems) == 1 else ConfigErrors(problems)
 
 
 class ServerError(ComfywatchError):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from comfywatch.advice import config_advice
 from comfywatch.clock import SYSTEM_CLOCK, Clock
 from comfywatch.comfy import SocketEvent
 from comfywatch.config import Settings, config_fingerprint, load_settings
@@ -174,6 +175,15 @@ class Daemon:
             jobs_configured=len(self.settings.jobs),
             jobs_added=len(added),
         )
+        for advice in await asyncio.to_thread(config_advice, self.settings):
+            log.warning(
+                "config_warning",
+                code=advice.code,
+                file=advice.file,
+                key=advice.key,
+                line=advice.line,
+                message=advice.message,
+            )
 
     async def reload(self, *, why: str) -> bool:
         """Load the configuration again; on any error keep the running one."""

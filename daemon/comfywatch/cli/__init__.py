@@ -4,16 +4,22 @@ Light on purpose: ``--version`` and ``--help`` import argparse and the state nam
 Each command group's module is imported when one of its commands runs: ``daemon`` (run,
 check-config, migrate), ``jobs`` (jobs, show), ``hooks``, ``prune``, ``health``
 (healthcheck), ``register`` (a spool file), ``submit`` (a workflow, then a spool file),
-``wait`` and ``fake`` (fake-server). The queries read the database without Alembic
-(:mod:`comfywatch.store.readonly`); only the daemon and ``fake-server`` need aiohttp.
+``wait``, ``secret`` (hooks new-secret) and ``fake`` (fake-server). The queries read the
+database without Alembic (:mod:`comfywatch.store.readonly`); only the daemon and
+``fake-server`` need aiohttp.
+
+A reader that stops early (``comfywatch jobs --json | head -1``) ends the command quietly
+with exit status 141, as a Unix tool killed by SIGPIPE reports in a shell.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Sequence
 
-from comfywatch.cli.output import EX_CONFIG, EX_UNAVAILABLE, err
+from comfywatch.cli.output import EX_CONFIG, EX_PIPE, EX_UNAVAILABLE, err
 from comfywatch.cli.parser import build_parser
 from comfywatch.errors import ConfigError, StoreError
 
@@ -21,17 +27,44 @@ __all__ = ["build_parser", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        return _main(argv)
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    """Parse and run; stdout is flushed here, so that a closed pipe is seen here."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:  # --help, --version, a usage error
+        sys.stdout.flush()
+        raise
+    try:
+        status = _dispatch(args)
     except ConfigError as exc:
-        err(f"configuration error: {exc}")
+        for problem in exc.problems:
+            err(f"configuration error: {problem}")
         return EX_CONFIG
     except StoreError as exc:
         err(str(exc))
         return EX_UNAVAILABLE
     except KeyboardInterrupt:
         return 130
+    sys.stdout.flush()
+    return status
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away: say nothing more (not even at exit, when Python
+    flushes stdout again: it now writes to /dev/null) and exit 141."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor behind sys.stdout
+        pass
+    return EX_PIPE
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -40,6 +73,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from comfywatch.cli import jobs
 
         return jobs.list_jobs(args) if command == "jobs" else jobs.show_job(args)
+    if command == "hooks" and args.hooks_command == "new-secret":
+        from comfywatch.cli import secret
+
+        return secret.new_secret(args)
     if command == "hooks":
         from comfywatch.cli import hooks
 

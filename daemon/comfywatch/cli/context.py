@@ -6,12 +6,26 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from comfywatch.config import Settings, default_config_path, load_settings
+from comfywatch.config import CONFIG_ENV_VAR, Settings, default_config_path, load_settings
+from comfywatch.errors import ConfigError
 
 
 def settings_of(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config or default_config_path(os.environ))
+    path: Path = args.config or default_config_path(os.environ)
+    if not path.exists():
+        raise ConfigError(f"no such file ({_where_from(args.config)})", file=str(path))
+    return load_settings(path)
+
+
+def _where_from(given: Path | None) -> str:
+    """Which of --config, $COMFYWATCH_CONFIG and the default named the missing file."""
+    if given is not None:
+        return f"given with --config, which overrides ${CONFIG_ENV_VAR}"
+    if os.environ.get(CONFIG_ENV_VAR):
+        return f"from ${CONFIG_ENV_VAR}; --config PATH overrides it"
+    return f"the default; name the config file with --config PATH or ${CONFIG_ENV_VAR}"
 
 
 def configure_logging(args: argparse.Namespace, settings: Settings) -> None:

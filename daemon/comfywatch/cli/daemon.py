@@ -6,7 +6,7 @@ import argparse
 import asyncio
 
 from comfywatch.cli.context import configure_logging, settings_of
-from comfywatch.cli.output import EX_OK, labels_text, table
+from comfywatch.cli.output import EX_OK, err, labels_text, table
 from comfywatch.config import Settings, url_origin
 
 
@@ -63,4 +63,30 @@ def check_config(args: argparse.Namespace) -> int:
         for j in settings.jobs
     ]
     table(["SERVER", "PROMPT_ID", "LABELS", "HOOKS", "SOURCE"], rows, indent="  ")
+    _warn(settings)
     return EX_OK
+
+
+def _warn(settings: Settings) -> None:
+    """Likely mistakes, on stderr: the config and its jobs_dir, and the main file's jobs
+    against the database (when there is one to read)."""
+    from comfywatch.advice import config_advice, registered_advice
+    from comfywatch.errors import StoreError
+    from comfywatch.store.drivers import is_sqlite, sqlite_path
+    from comfywatch.store.readonly import read
+    from comfywatch.store.reads import select_known
+
+    found = config_advice(settings)
+    url = settings.daemon.database_url
+    keys = [(job.server, job.prompt_id) for job in settings.jobs]
+    path = sqlite_path(url) if is_sqlite(url) else None
+    no_database = is_sqlite(url) and (path is None or not path.exists())
+    if keys and not no_database:
+        try:
+            known = read(url, lambda conn: select_known(conn, keys))
+        except StoreError as exc:
+            err(f"warning: the jobs were not compared with the database: {exc}")
+        else:
+            found.extend(registered_advice(settings, known))
+    for advice in found:
+        err(f"warning: {advice}")

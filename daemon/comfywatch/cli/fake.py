@@ -1,4 +1,7 @@
-"""``comfywatch fake-server``: a fake ComfyUI (:mod:`comfywatch.testing`) until stopped."""
+"""``comfywatch fake-server``: a fake ComfyUI (:mod:`comfywatch.testing`) until stopped.
+
+A port in use (or an address it cannot listen on) is one line and exit status 2, as the
+parser's own usage errors: pick another ``--port``."""
 
 from __future__ import annotations
 
@@ -35,5 +38,10 @@ def fake_server(args: argparse.Namespace) -> int:
             graph_bytes=args.graph_bytes,
         )
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except OSError as exc:  # bind() or the address lookup, before it listened
+        reason = exc.strerror or str(exc)
+        err(f"fake-server: cannot listen on {args.host}:{args.port}: {reason} (try --port N)")
+        return EX_USAGE
     return EX_OK

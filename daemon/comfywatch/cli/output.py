@@ -16,6 +16,8 @@ EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
+#: stdout's reader went away: 128 + SIGPIPE, what a shell reports for a tool it killed.
+EX_PIPE = 141
 
 _CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 

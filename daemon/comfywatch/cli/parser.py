@@ -1,18 +1,37 @@
 """The command line's grammar: commands, their options and the types of their values.
 
 Imports argparse, the version and the state names only, so that ``--help`` and
-``--version`` answer at once.
+``--version`` answer at once. Each command's description and example live in
+:mod:`comfywatch.cli.helptext`.
+
+``--config``, ``--log-level`` and ``--log-format`` may come before the command or after it
+(or after a nested action: ``hooks --config X retry 7``). The top-level parser holds their
+defaults; the commands' copies default to ``SUPPRESS``, so that a command's parser adds
+only what was written after it and never overwrites what came before.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Iterable
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from comfywatch import __version__
+from comfywatch.cli.helptext import describe
 from comfywatch.states import DeliveryState, JobState
+
+#: The units of an age or a duration, in seconds.
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, saying where to read more; exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -23,37 +42,46 @@ def _label(text: str) -> tuple[str, str]:
 
 
 def _duration_s(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``45s`` or ``2w`` in seconds; a bare number is refused
+    (``30`` could mean any unit), but for ``0``."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a duration like 30d, 12h or 90m, got {text!r}")
-    unit = {"": 86400, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
-    return float(match.group(1)) * unit
+    if not match or (not match.group(2) and float(match.group(1)) != 0):
+        raise argparse.ArgumentTypeError(
+            f"expected a number and a unit (s, m, h, d or w), like 30d, 12h or 90m; got {text!r}"
+        )
+    return float(match.group(1)) * _UNITS_S.get(match.group(2), 0)
 
 
-def _common_options(*, default: object) -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+def _common_options(*, default: object) -> _Parser:
+    common = _Parser(add_help=False)
     common.add_argument(
         "--config",
         type=Path,
         default=default,
+        metavar="PATH",
         help="config file (default: $COMFYWATCH_CONFIG, then /etc/comfywatch/comfywatch.toml)",
     )
     common.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], default=default
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=default,
+        help="log level of the commands that log (default: daemon.log_level)",
     )
-    common.add_argument("--log-format", choices=["auto", "json", "console"], default=default)
+    common.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        default=default,
+        help="log format of the commands that log (default: daemon.log_format)",
+    )
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="comfywatch",
-        description="Track ComfyUI prompts to the end; record them in SQLite; fire hooks.",
-    )
+    parser = _Parser(prog="comfywatch", parents=[_common_options(default=None)])
     parser.add_argument("--version", action="version", version=f"comfywatch {__version__}")
-    common = _common_options(default=None)
-    # For sub-subcommands (hooks retry): an option given before the action must survive.
-    nested = _common_options(default=argparse.SUPPRESS)
+    # SUPPRESS: a command's parser sets only the options written after the command.
+    common = _common_options(default=argparse.SUPPRESS)
+    nested = common  # the same for actions (hooks retry)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common], help="run the daemon until stopped")
@@ -71,25 +99,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     jobs = sub.add_parser("jobs", parents=[common], help="list tracked jobs")
-    jobs.add_argument("--state", action="append", choices=[s.value for s in JobState])
-    jobs.add_argument("--server")
-    jobs.add_argument("--label", action="append", type=_label, default=[], metavar="KEY=VALUE")
-    jobs.add_argument("--limit", type=int, default=None)
+    jobs.add_argument(
+        "--state",
+        action="append",
+        choices=[s.value for s in JobState],
+        metavar="STATE",
+        help="only jobs in this state (repeat for several): " + _names(JobState),
+    )
+    jobs.add_argument("--server", metavar="NAME", help="only jobs of this server")
+    jobs.add_argument(
+        "--label",
+        action="append",
+        type=_label,
+        default=[],
+        metavar="KEY=VALUE",
+        help="only jobs with this label (repeat: all must match)",
+    )
+    jobs.add_argument("--limit", type=_limit, default=None, metavar="N", help=_LIMIT_HELP)
     jobs.add_argument("--json", action="store_true", help="print a JSON array")
 
     show = sub.add_parser("show", parents=[common], help="show one job in full")
-    show.add_argument("prompt_id")
-    show.add_argument("--server")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("prompt_id", help="the prompt id ComfyUI gave")
+    show.add_argument(
+        "--server", metavar="NAME", help="the job's server, when the id is tracked on several"
+    )
+    show.add_argument("--json", action="store_true", help="print the job as JSON")
 
     hooks = sub.add_parser("hooks", parents=[common], help="list or retry hook deliveries")
     hooks_sub = hooks.add_subparsers(dest="hooks_command", metavar="ACTION")
-    hooks.add_argument("--state", choices=[s.value for s in DeliveryState])
-    hooks.add_argument("--limit", type=int, default=None)
-    hooks.add_argument("--json", action="store_true")
+    hooks.add_argument(
+        "--state",
+        choices=[s.value for s in DeliveryState],
+        metavar="STATE",
+        help="only deliveries in this state: " + _names(DeliveryState),
+    )
+    hooks.add_argument("--limit", type=_limit, default=None, metavar="N", help=_LIMIT_HELP)
+    hooks.add_argument("--json", action="store_true", help="print a JSON array")
     retry = hooks_sub.add_parser("retry", parents=[nested], help="send dead deliveries again")
-    retry.add_argument("ids", nargs="*", type=int, metavar="ID")
-    retry.add_argument("--all-dead", action="store_true")
+    retry.add_argument(
+        "ids", nargs="*", type=int, metavar="ID", help="delivery ids (column ID of `hooks`)"
+    )
+    retry.add_argument("--all-dead", action="store_true", help="every dead delivery")
+    hooks_sub.add_parser(
+        "new-secret", help="print a fresh whsec_ secret for a webhook and its receiver"
+    )
     _add_hooks_test(hooks_sub, nested)
 
     _add_register(sub, common)
@@ -97,10 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_wait(sub, common)
 
     prune = sub.add_parser("prune", parents=[common], help="delete old terminal jobs")
-    prune.add_argument("--older-than", type=_duration_s, required=True, metavar="AGE")
-    prune.add_argument("--dry-run", action="store_true")
+    prune.add_argument(
+        "--older-than",
+        type=_duration_s,
+        required=True,
+        metavar="AGE",
+        help="finished longer ago than AGE: a number and a unit, 30d, 12h, 90m, 45s or 2w",
+    )
+    prune.add_argument(
+        "--dry-run", action="store_true", help="list what would be deleted and what is kept"
+    )
 
     _add_fake_server(sub)
+    describe(parser)
     return parser
 
 
@@ -109,9 +171,18 @@ def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
     register = sub.add_parser(
         "register", parents=[common], help="register jobs: write a file into jobs_dir"
     )
-    register.add_argument("--server", required=True)
-    register.add_argument("prompt_ids", nargs="+", metavar="PROMPT_ID")
-    register.add_argument("--label", action="append", type=_label, default=[], metavar="KEY=VALUE")
+    register.add_argument("--server", required=True, metavar="NAME", help="a server of the config")
+    register.add_argument(
+        "prompt_ids", nargs="+", metavar="PROMPT_ID", help="prompt ids ComfyUI gave"
+    )
+    register.add_argument(
+        "--label",
+        action="append",
+        type=_label,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label for these jobs (repeat for several)",
+    )
     register.add_argument(
         "--hooks",
         type=lambda text: [name for name in text.split(",") if name],
@@ -119,7 +190,13 @@ def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
         help='hooks for these jobs ("" for none; default: default_hooks)',
     )
     register.add_argument("--wait", action="store_true", help="wait for the daemon's verdict")
-    register.add_argument("--timeout", type=float, default=60.0, metavar="S", help="for --wait")
+    register.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="how long --wait waits, in seconds (default 60)",
+    )
 
 
 def _add_hooks_test(hooks_sub: Any, nested: argparse.ArgumentParser) -> None:
@@ -128,15 +205,6 @@ def _add_hooks_test(hooks_sub: Any, nested: argparse.ArgumentParser) -> None:
         "test",
         parents=[nested],
         help="send a sample event to a hook now and show its answer",
-        description=(
-            "Send a sample event, signed as a real one, to the hook NAME through the\n"
-            "daemon's own delivery code, and print what the receiver answered. The\n"
-            "event's type is job.test and command hooks get COMFYWATCH_TEST=1, so\n"
-            "receivers can tell it from real events. Nothing is written to the database.\n"
-            "Exit status 0 if the hook took it (2xx, or exit status 0), 1 if not."
-        ),
-        epilog="example:\n  comfywatch hooks test notify --state error",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     test.add_argument("name", metavar="NAME", help="the hook, as named in [hooks.NAME]")
     test.add_argument(
@@ -163,21 +231,6 @@ def _add_submit(sub: Any, common: argparse.ArgumentParser) -> None:
         "submit",
         parents=[common],
         help="queue an API-format workflow on a server and track it",
-        description=(
-            "POST the API-format workflow WORKFLOW (a JSON file, or - for stdin) to the\n"
-            "server's /prompt, register the prompt through the spool as `comfywatch\n"
-            "register` does, and print its prompt id. A workflow the server refuses is\n"
-            "explained per node and input (exit status 1). With --wait, follow the job\n"
-            "in the database the daemon writes, with a progress bar, and exit as\n"
-            "`comfywatch wait` does."
-        ),
-        epilog=(
-            "example:\n"
-            "  comfywatch submit portrait.json --server local --label batch=b1 --wait\n\n"
-            "The workflow must be in ComfyUI's API format: enable the dev mode options in\n"
-            'ComfyUI\'s settings, then use "Export (API)" (or "Save (API Format)").'
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     submit.add_argument("workflow", metavar="WORKFLOW", help="API-format workflow JSON, or -")
     submit.add_argument("--server", required=True, help="the server to queue it on (by name)")
@@ -213,14 +266,6 @@ def _add_wait(sub: Any, common: argparse.ArgumentParser) -> None:
         "wait",
         parents=[common],
         help="wait until jobs end; the exit status tells how they ended",
-        description=(
-            "Wait until every PROMPT_ID is terminal, reading the database the daemon\n"
-            "writes (read-only). A job still waiting in the spool is waited for.\n"
-            "Exit status: 0 if every job succeeded, 1 if any ended otherwise, 2 for a\n"
-            "prompt id neither in the database nor in the spool, 124 on timeout."
-        ),
-        epilog="example:\n  comfywatch wait 2ef07158-5d3a-4e4b-9d63-2d1c4fb8f8a1 --timeout 600",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     wait.add_argument("prompt_ids", nargs="+", metavar="PROMPT_ID", help="the jobs to wait for")
     wait.add_argument("--server", help="only the jobs on this server (ids on several servers)")
@@ -233,22 +278,68 @@ def _add_wait(sub: Any, common: argparse.ArgumentParser) -> None:
     )
 
 
-def _count(text: str) -> int:
+def _names(states: Iterable[Enum]) -> str:
+    return ", ".join(str(state.value) for state in states)
+
+
+def _whole(text: str, *, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    return _whole(text, least=0)
+
+
+def _limit(text: str) -> int:
+    return _whole(text, least=1)
+
+
+_LIMIT_HELP = "at most N rows, newest first (default: all)"
+
+
+def _port(text: str) -> int:
+    value = _whole(text, least=0)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port, 0 to 65535, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
     return value
 
 
 def _add_fake_server(sub: Any) -> None:
     """``comfywatch fake-server`` and its options (the benchmark ones included)."""
     fake = sub.add_parser("fake-server", help="run a fake ComfyUI for trying comfywatch")
-    fake.add_argument("--host", default="127.0.0.1")
-    fake.add_argument("--port", type=int, default=8188)
-    fake.add_argument("--run-time", type=float, default=2.0, help="seconds each prompt 'runs'")
+    fake.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    fake.add_argument(
+        "--port",
+        type=_port,
+        default=8188,
+        metavar="N",
+        help="TCP port (default 8188, ComfyUI's; 0 picks a free one, printed at start)",
+    )
+    fake.add_argument(
+        "--run-time",
+        type=_seconds,
+        default=2.0,
+        metavar="S",
+        help="seconds each prompt 'runs' (default 2)",
+    )
     fake.add_argument(
         "--max-history",
         type=_count,

@@ -2,27 +2,29 @@
 
 A :class:`Document` turns a key path into a :class:`ConfigError` naming the file, the
 dotted key and the line. :func:`validate_table` checks one table against a settings
-model and reports the first problem in file order, worded for people and never quoting
-the value (pydantic's own errors do, and values can be secrets).
+model and reports every problem, in file order, worded for people and never quoting the
+value (pydantic's own errors do, and values can be secrets). :class:`Problems` gathers
+the errors of many checks, so that one reading reports every mistake of a file.
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from comfywatch.config.keylines import KeyPath, format_key, key_lines, line_of_key
 from comfywatch.config.schema import file_keys, loader_fields, suggest
-from comfywatch.errors import ConfigError
+from comfywatch.errors import ConfigError, config_errors
 
 __all__ = [
     "Document",
+    "Problems",
     "check_top_level",
     "os_reason",
     "parse_document",
@@ -35,6 +37,8 @@ _TOML_ERROR_POS_RE = re.compile(r"\s*\(at line (?P<line>\d+), column (?P<column>
 _TOML_ERROR_END_RE = re.compile(r"\s*\(at end of document\)$")
 
 _M = TypeVar("_M", bound=BaseModel)
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
 _Problem = tuple[KeyPath, str, str]  # (key path in the table, message, pydantic error type)
 
 
@@ -56,6 +60,39 @@ class Document:
         return ConfigError(
             message, file=str(self.path), key=format_key(loc) or None, line=self.line_of(loc)
         )
+
+
+class Problems:
+    """The mistakes of one reading, gathered so that all of them are reported at once.
+
+    Each check runs through :meth:`check`: a ConfigError it raises is kept, and the check
+    gives ``None``. :meth:`raise_all` raises one ConfigError holding them all (see
+    :class:`~comfywatch.errors.ConfigErrors`), the checks in file order (by the line of
+    each one's first problem), each check's own problems in the order it gave them.
+    """
+
+    def __init__(self) -> None:
+        self._found: list[tuple[ConfigError, ...]] = []
+
+    def check(self, check: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T | None:
+        try:
+            return check(*args, **kwargs)
+        except ConfigError as exc:
+            self.add(exc)
+            return None
+
+    def add(self, error: ConfigError) -> None:
+        self._found.append(error.problems)
+
+    def raise_all(self) -> None:
+        if not self._found:
+            return
+        ordered = sorted(self._found, key=lambda found: _line_order(found[0]))
+        raise config_errors([problem for found in ordered for problem in found])
+
+
+def _line_order(error: ConfigError) -> tuple[bool, int]:
+    return error.line is None, error.line or 0
 
 
 def read_document(path: Path, *, kind: str) -> Document:
@@ -104,9 +141,13 @@ def _syntax_error(path: Path, text: str, message: str) -> ConfigError:
 
 def check_top_level(doc: Document, allowed: tuple[str, ...], *, hint: str = "") -> None:
     """Every top-level key of ``doc`` is one of ``allowed``; ``hint`` ends the message."""
-    for key in doc.data:
-        if key not in allowed:
-            raise doc.error((key,), f"unknown key{suggest(key, allowed)}{hint}")
+    unknown = [
+        doc.error((key,), f"unknown key{suggest(key, allowed)}{hint}")
+        for key in doc.data
+        if key not in allowed
+    ]
+    if unknown:
+        raise config_errors(unknown)
 
 
 def validate_table(
@@ -119,7 +160,7 @@ def validate_table(
     defaults: Mapping[str, object] | None = None,
     other: tuple[str, type[BaseModel]] | None = None,
 ) -> _M:
-    """Validates the table ``data`` at ``loc`` as ``model``; the first problem is raised.
+    """Validates the table ``data`` at ``loc`` as ``model``; raises its every problem.
 
     ``given`` supplies the attributes the loader fills in (a key of that name in the file
     is unknown); ``defaults`` replace the model's defaults for keys the table lacks.
@@ -142,13 +183,17 @@ def validate_table(
         if not problems:
             return result
     # Raised outside the except block, so the pydantic error (which quotes input values,
-    # secrets included) is not chained to ours. The first problem in file order wins, but
-    # a missing key ranks last: a misspelt key nearby ("promt_id") says more.
-    located = [((*loc, *sub), message, kind == "missing") for sub, message, kind in problems]
-    first_loc, message, _ = min(
-        located, key=lambda item: (item[2], doc.line_of(item[0]) or 1 << 30, len(item[0]))
+    # secrets included) is not chained to ours. In file order, but a missing key comes
+    # last: a misspelt key nearby ("promt_id") says more, and comes first.
+    # One problem per key (a value may fail more than one rule).
+    first: dict[KeyPath, tuple[str, bool]] = {}
+    for sub, message, kind in problems:
+        first.setdefault((*loc, *sub), (message, kind == "missing"))
+    located = sorted(
+        first.items(),
+        key=lambda item: (item[1][1], doc.line_of(item[0]) or 1 << 30, len(item[0])),
     )
-    raise doc.error(first_loc, message)
+    raise config_errors([doc.error(key, message) for key, (message, _) in located])
 
 
 def _unknown_key(

@@ -4,8 +4,10 @@
 then resolves what depends on the file's place and the environment: relative paths
 against the file's folder, webhook secrets, commands on ``PATH``, hook and server names,
 ``[daemon]`` defaults for servers and jobs. Every problem is a ConfigError naming file,
-key and line. The spool files of ``jobs_dir`` are not read here: the daemon ingests them
-(:mod:`comfywatch.spool`), so nothing in the spool can stop a load.
+key and line; one load reports all of them (each table and each check is tried, whatever
+the others gave; a broken table does not make its names unknown elsewhere). The spool
+files of ``jobs_dir`` are not read here: the daemon ingests them (:mod:`comfywatch.spool`),
+so nothing in the spool can stop a load.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from comfywatch.config.document import (
     Document,
+    Problems,
     check_top_level,
     os_reason,
     read_document,
@@ -28,7 +31,7 @@ from comfywatch.config.document import (
     validate_table,
 )
 from comfywatch.config.fingerprint import StatKey, stat_key
-from comfywatch.config.jobs import check_hook_names, check_unique, job_specs
+from comfywatch.config.jobs import check_hook_names, job_specs
 from comfywatch.config.keylines import KeyPath
 from comfywatch.config.secrets import secret_from_env, secret_from_file
 from comfywatch.config.settings import (
@@ -81,13 +84,29 @@ class _Loader:
     def load(self) -> Settings:
         main_key = stat_key(self.path)  # the fingerprint is taken before reading
         doc = read_document(self.path, kind="config file")
-        check_top_level(doc, _MAIN_KEYS)
-        as_written = validate_table(doc, DaemonSettings, doc.data.get("daemon", {}), ("daemon",))
-        servers = self._servers(doc, as_written)
-        hooks, secret_keys = self._hooks(doc)
-        daemon = self._daemon(doc, as_written, hooks)
-        jobs = job_specs(doc, servers=servers, hooks=hooks, default_hooks=daemon.default_hooks)
-        check_unique(jobs)
+        problems = Problems()
+        problems.check(check_top_level, doc, _MAIN_KEYS)
+        as_written = problems.check(
+            validate_table, doc, DaemonSettings, doc.data.get("daemon", {}), ("daemon",)
+        )
+        server_tables = self._table_of_tables(doc, "servers", problems)
+        hook_tables = self._table_of_tables(doc, "hooks", problems)
+        servers = self._servers(doc, server_tables, as_written, problems)
+        hooks, secret_keys = self._hooks(doc, hook_tables, problems)
+        # The names written, valid or not: a broken table is one mistake, not one per use.
+        hook_names = None if hook_tables is None else tuple(hook_tables)
+        daemon = None
+        if as_written is not None:
+            daemon = problems.check(self._daemon, doc, as_written, hook_names)
+        jobs = problems.check(
+            job_specs,
+            doc,
+            servers=None if server_tables is None else tuple(server_tables),
+            hooks=hook_names,
+            default_hooks=() if as_written is None else as_written.default_hooks,
+        )
+        problems.raise_all()
+        assert daemon is not None and jobs is not None  # no problem: all were read
         return Settings(
             path=self.path,
             daemon=daemon,
@@ -102,66 +121,93 @@ class _Loader:
         return path if path.is_absolute() else self.folder / path
 
     @staticmethod
-    def _table_of_tables(doc: Document, key: str) -> dict[str, Any]:
+    def _table_of_tables(doc: Document, key: str, problems: Problems) -> dict[str, Any] | None:
+        """The named tables under ``key``, every name written (each bad name reported);
+        None if ``key`` is not a table (reported)."""
         tables = doc.data.get(key, {})
         if not isinstance(tables, dict):
-            raise doc.error((key,), f"must be a table of named tables, e.g. [{key}.name]")
+            problems.add(doc.error((key,), f"must be a table of named tables, e.g. [{key}.name]"))
+            return None
         for name in tables:
             if not _NAME_RE.fullmatch(name):
-                raise doc.error(
-                    (key, name),
-                    "names may only use letters, digits, '_', '.' and '-' (255 at most)",
+                problems.add(
+                    doc.error(
+                        (key, name),
+                        "names may only use letters, digits, '_', '.' and '-' (255 at most)",
+                    )
                 )
         return tables
 
-    def _servers(self, doc: Document, daemon: DaemonSettings) -> dict[str, ServerSettings]:
-        return {
-            name: validate_table(
+    def _servers(
+        self,
+        doc: Document,
+        tables: dict[str, Any] | None,
+        daemon: DaemonSettings | None,
+        problems: Problems,
+    ) -> dict[str, ServerSettings]:
+        defaults = {} if daemon is None else {"max_history_fetches": daemon.max_history_fetches}
+        servers: dict[str, ServerSettings] = {}
+        for name, table in (tables or {}).items():
+            if not _NAME_RE.fullmatch(name):
+                continue  # reported
+            server = problems.check(
+                validate_table,
                 doc,
                 ServerSettings,
                 table,
                 ("servers", name),
                 given={"name": name},
-                defaults={"max_history_fetches": daemon.max_history_fetches},
+                defaults=defaults,
             )
-            for name, table in self._table_of_tables(doc, "servers").items()
-        }
+            if server is not None:
+                servers[name] = server
+        return servers
 
-    def _hooks(self, doc: Document) -> tuple[dict[str, HookSettings], list[StatKey]]:
+    def _hooks(
+        self, doc: Document, tables: dict[str, Any] | None, problems: Problems
+    ) -> tuple[dict[str, HookSettings], list[StatKey]]:
         hooks: dict[str, HookSettings] = {}
         secret_keys: list[StatKey] = []
-        for name, table in self._table_of_tables(doc, "hooks").items():
-            loc: KeyPath = ("hooks", name)
-            if not isinstance(table, dict):
-                raise doc.error(loc, f"must be a table (got {toml_type(table)})")
-            kind = table.get("type")
-            given = {"name": name}
-            if kind is None:
-                raise doc.error((*loc, "type"), 'required key is missing: "webhook" or "command"')
-            if kind == "webhook":
-                webhook = validate_table(
-                    doc,
-                    WebhookHookSettings,
-                    table,
-                    loc,
-                    given=given,
-                    other=("command", CommandHookSettings),
-                )
-                hooks[name] = self._webhook(doc, loc, webhook, secret_keys)
-            elif kind == "command":
-                command = validate_table(
-                    doc,
-                    CommandHookSettings,
-                    table,
-                    loc,
-                    given=given,
-                    other=("webhook", WebhookHookSettings),
-                )
-                hooks[name] = self._command(doc, loc, command)
-            else:
-                got = "" if isinstance(kind, str) else f" (got {toml_type(kind)})"
-                raise doc.error((*loc, "type"), f'must be "webhook" or "command"{got}')
+        for name, table in (tables or {}).items():
+            if not _NAME_RE.fullmatch(name):
+                continue  # reported
+            hook = problems.check(self._hook, doc, name, table, secret_keys)
+            if hook is not None:
+                hooks[name] = hook
         return hooks, secret_keys
+
+    def _hook(
+        self, doc: Document, name: str, table: object, secret_keys: list[StatKey]
+    ) -> HookSettings:
+        loc: KeyPath = ("hooks", name)
+        if not isinstance(table, dict):
+            raise doc.error(loc, f"must be a table (got {toml_type(table)})")
+        kind = table.get("type")
+        given = {"name": name}
+        if kind is None:
+            raise doc.error((*loc, "type"), 'required key is missing: "webhook" or "command"')
+        if kind == "webhook":
+            webhook = validate_table(
+                doc,
+                WebhookHookSettings,
+                table,
+                loc,
+                given=given,
+                other=("command", CommandHookSettings),
+            )
+            return self._webhook(doc, loc, webhook, secret_keys)
+        if kind == "command":
+            command = validate_table(
+                doc,
+                CommandHookSettings,
+                table,
+                loc,
+                given=given,
+                other=("webhook", WebhookHookSettings),
+            )
+            return self._command(doc, loc, command)
+        got = "" if isinstance(kind, str) else f" (got {toml_type(kind)})"
+        raise doc.error((*loc, "type"), f'must be "webhook" or "command"{got}')
 
     def _webhook(
         self, doc: Document, loc: KeyPath, hook: WebhookHookSettings, secret_keys: list[StatKey]
@@ -208,23 +254,26 @@ class _Loader:
         return hook.model_copy(update={"argv": (str(path), *hook.argv[1:])})
 
     def _daemon(
-        self, doc: Document, daemon: DaemonSettings, hooks: Mapping[str, HookSettings]
+        self, doc: Document, daemon: DaemonSettings, hooks: Collection[str] | None
     ) -> DaemonSettings:
         """``daemon`` with its database URL and ``jobs_dir`` resolved, its hooks checked."""
         loc: KeyPath = ("daemon",)
-        try:
-            database_url = self._database_url(daemon.database_url)
-        except ValueError as exc:
-            message = str(exc)
-        else:
-            message = ""
-        if message:
-            raise doc.error((*loc, "database"), message)
-        check_hook_names(doc, (*loc, "default_hooks"), daemon.default_hooks, hooks)
+        problems = Problems()
+        database_url = problems.check(self._database_url, doc, daemon.database_url)
+        problems.check(check_hook_names, doc, (*loc, "default_hooks"), daemon.default_hooks, hooks)
+        problems.raise_all()
         jobs_dir = None if daemon.jobs_dir is None else self._resolve(daemon.jobs_dir)
         return daemon.model_copy(update={"database_url": database_url, "jobs_dir": jobs_dir})
 
-    def _database_url(self, url: str) -> str:
+    def _database_url(self, doc: Document, url: str) -> str:
+        """The ``database`` URL resolved; a bad one is an error at ``daemon.database``."""
+        try:
+            return self._resolved_url(url)
+        except ValueError as exc:
+            message = str(exc)
+        raise doc.error(("daemon", "database"), message)
+
+    def _resolved_url(self, url: str) -> str:
         """sqlite URLs get an absolute path (driver left to the store); others pass as given."""
         match = _URL_SCHEME_RE.fullmatch(url)
         if match is None:

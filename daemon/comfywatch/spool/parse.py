@@ -15,8 +15,8 @@ import stat
 from pathlib import Path
 
 from comfywatch.config import JobSpec, Settings
-from comfywatch.config.document import Document, os_reason, parse_document
-from comfywatch.config.jobs import JOBS_FILE_KIND, check_jobs_file, check_unique, job_specs
+from comfywatch.config.document import Document, Problems, os_reason, parse_document
+from comfywatch.config.jobs import JOBS_FILE_KIND, check_jobs_file, job_specs
 from comfywatch.errors import ConfigError
 
 __all__ = ["MAX_SPOOL_BYTES", "parse_spool_bytes", "read_spool_file"]
@@ -33,8 +33,12 @@ def read_spool_file(path: Path, settings: Settings) -> list[JobSpec]:
 def parse_spool_bytes(path: Path, raw: bytes, settings: Settings) -> list[JobSpec]:
     """The jobs of ``raw``, the text of a spool file about to be written at ``path``."""
     doc = parse_document(path, raw, kind=JOBS_FILE_KIND)
-    check_jobs_file(doc)
-    return _jobs(doc, settings)
+    problems = Problems()
+    problems.check(check_jobs_file, doc)
+    jobs = problems.check(_jobs, doc, settings)
+    problems.raise_all()
+    assert jobs is not None  # no problem: the jobs were read
+    return jobs
 
 
 def _jobs(doc: Document, settings: Settings) -> list[JobSpec]:
@@ -44,7 +48,6 @@ def _jobs(doc: Document, settings: Settings) -> list[JobSpec]:
         hooks=settings.hooks,
         default_hooks=settings.daemon.default_hooks,
     )
-    check_unique(located)
     return [where.job for where in located]
 
 

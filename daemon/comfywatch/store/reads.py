@@ -3,6 +3,9 @@ frozen value (no ORM object per row).
 
 Plain functions of a synchronous ``Connection``: the async store runs them with
 ``run_sync``, the command line on a read-only connection (:mod:`comfywatch.store.readonly`).
+:func:`prunable` and :func:`owes_delivery` are the conditions of ``prune``, shared by
+:meth:`Store.prune` and the dry run (:func:`select_prunable`).
+
 Each walks an index: jobs newest first (``ix_jobs_registered_at_id``) or by prompt id
 (``ix_jobs_prompt_id``), outputs and deliveries by job (their unique constraints' indexes),
 deliveries newest first (the primary key).
@@ -10,15 +13,15 @@ deliveries newest first (the primary key).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import fields
 from typing import Any
 
-from sqlalchemy import Connection, Select, select
+from sqlalchemy import ColumnElement, Connection, Select, and_, func, select
 
 from comfywatch.history import OutputRecord
-from comfywatch.states import DeliveryState
-from comfywatch.store.rows import chunks
+from comfywatch.states import ACTIVE_STATES, DeliveryState
+from comfywatch.store.rows import chunks, utc
 from comfywatch.store.tables import hook_deliveries, job_outputs, jobs
 from comfywatch.store.values import (
     OUTPUT_FIELDS,
@@ -27,6 +30,7 @@ from comfywatch.store.values import (
     JobFilter,
     JobRecord,
     JobRow,
+    PruneCandidate,
 )
 
 _JOBS = jobs
@@ -51,6 +55,26 @@ def select_jobs(
     names = (*_JOB_FIELDS, "history") if with_history else _JOB_FIELDS
     jobs = [_job_row(names, row) for row in conn.execute(_job_query(flt, names))]
     return _records(conn, jobs, with_deliveries=with_deliveries)
+
+
+def select_known(
+    conn: Connection, keys: Collection[tuple[str, str]]
+) -> dict[tuple[str, str], JobRow]:
+    """The rows of the jobs among ``keys`` (server, prompt_id) that are registered."""
+    c = _JOBS.c
+    by_server: dict[str, list[str]] = {}
+    for server, prompt_id in keys:
+        by_server.setdefault(server, []).append(prompt_id)
+    known: dict[tuple[str, str], JobRow] = {}
+    for server, prompt_ids in by_server.items():
+        for chunk in chunks(prompt_ids):
+            query = select(*(c[name] for name in _JOB_FIELDS)).where(
+                c.server == server, c.prompt_id.in_(chunk)
+            )
+            for row in conn.execute(query):
+                job = _job_row(_JOB_FIELDS, row)
+                known[(job.server, job.prompt_id)] = job
+    return known
 
 
 def select_job(conn: Connection, job_id: int) -> JobRecord | None:
@@ -93,6 +117,35 @@ def select_deliveries(
         DeliveryRecord(DeliveryRow(*row[:split]), _job_row(_JOB_FIELDS, row[split:]))
         for row in conn.execute(query)
     ]
+
+
+def prunable(cutoff_s: float) -> ColumnElement[bool]:
+    """Terminal jobs that ended (by ``detected_at``, else ``updated_at``) before
+    ``cutoff_s``: what ``prune`` deletes, but for those that :func:`owes_delivery`."""
+    return and_(_JOBS.c.state.not_in(list(ACTIVE_STATES)), _ended_at() < utc(cutoff_s))
+
+
+def owes_delivery() -> ColumnElement[bool]:
+    """Jobs with a pending hook delivery: never pruned (the delivery would be lost)."""
+    d = _DELIVERIES.c
+    return _JOBS.c.id.in_(select(d.job_id).where(d.state == DeliveryState.PENDING))
+
+
+def select_prunable(conn: Connection, cutoff_s: float) -> list[PruneCandidate]:
+    """Every job :func:`prunable` at ``cutoff_s``, oldest end first, each saying whether
+    it still owes a delivery (what ``prune --dry-run`` lists)."""
+    c = _JOBS.c
+    ended = _ended_at()
+    query = (
+        select(c.server, c.prompt_id, c.state, ended, owes_delivery())
+        .where(prunable(cutoff_s))
+        .order_by(ended, c.id)
+    )
+    return [PruneCandidate(*row) for row in conn.execute(query)]
+
+
+def _ended_at() -> ColumnElement[Any]:
+    return func.coalesce(_JOBS.c.detected_at, _JOBS.c.updated_at)
 
 
 def _job_query(flt: JobFilter, names: Sequence[str]) -> Select[Any]:

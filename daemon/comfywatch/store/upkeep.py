@@ -8,10 +8,10 @@ from datetime import timedelta
 
 from sqlalchemy import and_, delete, func, select
 
-from comfywatch.states import ACTIVE_STATES, DeliveryState
+from comfywatch.states import ACTIVE_STATES
 from comfywatch.store.engine import Database
 from comfywatch.store.models import HookDelivery, Job, JobOutput
-from comfywatch.store.rows import utc
+from comfywatch.store.reads import owes_delivery, prunable
 from comfywatch.store.values import StoreStats
 
 _ACTIVE = list(ACTIVE_STATES)
@@ -63,12 +63,7 @@ class UpkeepQueries(Database):
         jobs still in the configuration, which the next load would register again as new
         (to end as not_found and fire their hooks a second time).
         """
-        pending = select(HookDelivery.job_id).where(HookDelivery.state == DeliveryState.PENDING)
-        cond = and_(
-            Job.state.not_in(_ACTIVE),
-            func.coalesce(Job.detected_at, Job.updated_at) < utc(older_than_s),
-            Job.id.not_in(pending),
-        )
+        cond = and_(prunable(older_than_s), ~owes_delivery())
         keep = set(keep)
         total = 0
         after_id = 0

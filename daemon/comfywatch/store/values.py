@@ -166,6 +166,18 @@ class DeliveryRow:
 
 
 @dataclass(frozen=True, slots=True)
+class PruneCandidate:
+    """A terminal job that ended before a cutoff: what ``prune`` deletes, unless it still
+    owes a hook delivery (or the config lists it, which the store does not know)."""
+
+    server: str
+    prompt_id: str
+    state: JobState
+    ended_at: datetime  # detected_at (else updated_at): what its age is measured from
+    owes_delivery: bool
+
+
+@dataclass(frozen=True, slots=True)
 class JobRecord:
     """A job with its outputs (and deliveries when asked), as the CLI and hooks show it."""
 
