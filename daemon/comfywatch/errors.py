@@ -85,3 +85,8 @@ class ParseError(ComfywatchError):
 
 class StoreError(ComfywatchError):
     """The database could not be read or written; nothing was recorded."""
+
+
+class LockLost(ComfywatchError):
+    """The lock that keeps a second daemon off the database is gone (on PostgreSQL, its
+    connection ended): another daemon may take over, so this one must stop."""

@@ -3,13 +3,14 @@
 The gauges (jobs and deliveries by state, the oldest active job) are refreshed at most
 every ``STATS_EVERY_S``. With ``retention_days`` set, old terminal jobs are pruned at most
 every ``PRUNE_EVERY_S``, in a task of its own and in small transactions, so ticks go on
-between the batches.
+between the batches. A prune that fails on a database fault is logged and tried again at
+the next hour; anything else it raises is a bug, raised by :meth:`Housekeeping.check`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import structlog
 
@@ -29,8 +30,16 @@ PRUNE_EVERY_S = 3600.0
 class Housekeeping:
     """Keeps the gauges fresh and the database pruned; ``stop()`` ends a prune in flight."""
 
-    def __init__(self, *, store: Store, metrics: Metrics, spool: Spool | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        metrics: Metrics,
+        spool: Spool | None = None,
+        on_failed: Callable[[], None] | None = None,
+    ) -> None:
         self._store = store
+        self._on_failed = on_failed
         self._spool = spool
         self._metrics = metrics
         self._last_stats_s = 0.0
@@ -52,7 +61,9 @@ class Housekeeping:
         self, now_s: float, retention_days: float, keep: Collection[tuple[str, str]]
     ) -> None:
         """Start pruning jobs older than ``retention_days`` (but those in ``keep``) if an
-        hour has passed since the last run and none is running."""
+        hour has passed since the last run and none is running. Raises what the last
+        one raised, if it failed (see :meth:`check`)."""
+        self.check()
         if now_s - self._last_prune_s < PRUNE_EVERY_S or (
             self._prune_task is not None and not self._prune_task.done()
         ):
@@ -61,11 +72,29 @@ class Housekeeping:
         self._prune_task = asyncio.create_task(
             self._prune(now_s, retention_days, keep), name="prune"
         )
+        if self._on_failed is not None:
+            on_failed = self._on_failed
+            self._prune_task.add_done_callback(
+                lambda t: None if t.cancelled() or t.exception() is None else on_failed()
+            )
 
-    async def stop(self) -> None:
-        if self._prune_task is not None:
-            self._prune_task.cancel()  # between batches: each batch commits whole
-            await asyncio.wait({self._prune_task})
+    def check(self) -> None:
+        """Raise what a prune that ended raised (a bug: database faults are logged)."""
+        task = self._prune_task
+        if task is not None and task.done():
+            self._prune_task = None
+            if not task.cancelled():
+                task.result()
+
+    async def stop(self) -> list[BaseException]:
+        """End a prune in flight; returns what a prune that had ended raised."""
+        task, self._prune_task = self._prune_task, None
+        if task is None:
+            return []
+        task.cancel()  # between batches: each batch commits whole
+        await asyncio.wait({task})
+        exc = None if task.cancelled() else task.exception()
+        return [exc] if exc is not None else []
 
     async def _prune(
         self, now_s: float, retention_days: float, keep: Collection[tuple[str, str]]

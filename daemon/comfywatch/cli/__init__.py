@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from comfywatch.cli.output import EX_CONFIG, EX_UNAVAILABLE, err
 from comfywatch.cli.parser import build_parser
-from comfywatch.errors import ConfigError, StoreError
+from comfywatch.errors import ConfigError, LockLost, StoreError
 
 __all__ = ["build_parser", "main"]
 
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         err(f"configuration error: {exc}")
         return EX_CONFIG
-    except StoreError as exc:
+    except (StoreError, LockLost) as exc:
         err(str(exc))
         return EX_UNAVAILABLE
     except KeyboardInterrupt:

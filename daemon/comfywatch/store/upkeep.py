@@ -28,7 +28,7 @@ class UpkeepQueries(Database):
     async def stats(self) -> StoreStats:
         """Counts for metrics: jobs by (server, state), deliveries by (hook, state), and
         the registration time of the oldest active job per (server, state)."""
-        async with self._session() as session:
+        async with self._session(read_only=True) as session:
             jobs = await session.execute(
                 select(Job.server, Job.state, func.count()).group_by(Job.server, Job.state)
             )
@@ -73,7 +73,7 @@ class UpkeepQueries(Database):
         total = 0
         after_id = 0
         while True:
-            async with self._session() as session:
+            async with self._session(read_only=dry_run) as session:
                 rows = (
                     await session.execute(
                         select(Job.id, Job.server, Job.prompt_id)
