@@ -15,11 +15,13 @@ from comfywatch.store.rows import utc
 from comfywatch.store.values import StoreStats
 
 _ACTIVE = list(ACTIVE_STATES)
+_DAY_S = timedelta(days=1).total_seconds()
 
 
 def retention_cutoff(now_s: float, days: float) -> float:
-    """The epoch time ``days`` before ``now_s``."""
-    return now_s - timedelta(days=days).total_seconds()
+    """The epoch time ``days`` before ``now_s``; never before the epoch (a retention longer
+    than that, such as ``retention_days = 1e9``, keeps everything)."""
+    return max(0.0, now_s - days * _DAY_S)
 
 
 class UpkeepQueries(Database):
