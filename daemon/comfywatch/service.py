@@ -496,4 +496,6 @@ async def run_daemon(settings: Settings, *, until_done: bool = False) -> int:
             if server is not None:
                 await server.cleanup()
     finally:
+        if daemon is not None:
+            daemon.notifier.close()  # run() closes it; not reached if the listener failed
         await store.close()

@@ -53,8 +53,9 @@ class QueueWatchers:
         self._start(name, client)
 
     async def stop(self) -> list[BaseException]:
-        """Cancel every watcher; returns what those that had ended on their own raised
-        (and what no ``check`` has raised yet)."""
+        """Cancel every watcher; returns what those that had ended on their own raised,
+        and what no ``check`` has raised yet (kept for the next ``check``: a reload stops
+        the watchers and starts them again)."""
         tasks = dict(self._tasks)
         self._tasks.clear()
         for task in tasks.values():
@@ -64,8 +65,7 @@ class QueueWatchers:
         for name, task in tasks.items():
             if not task.cancelled():
                 self._ended(name, task)
-        failures, self._failures = self._failures, []
-        return failures
+        return list(self._failures)
 
     def check(self) -> None:
         """Raise if a watcher stopped (its own exception, or a RuntimeError)."""
