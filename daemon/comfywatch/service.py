@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import gc
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -255,6 +254,7 @@ class Daemon:
         await self.start()
         dispatcher_task = asyncio.create_task(self.dispatcher.run(self.stop_event))
         dispatcher_task.add_done_callback(lambda _: self.notice_trouble())
+        failing: BaseException | None = None  # what ends the loop, if anything does
         try:
             self.status.ready = True
             self.notifier.notify(ready=True, status=self._status_line())
@@ -286,8 +286,10 @@ class Daemon:
                     log.info("all_done")
                     break
                 await self._sleep_until(next_full_s)
+        except BaseException as exc:
+            failing = exc
+            raise
         finally:
-            failing = sys.exc_info()[1]
             self.stop_event.set()
             self.notifier.notify(stopping=True)
             failures = await self._watchers.stop()
