@@ -472,13 +472,17 @@ GATE_HOOK = "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.
 
 async def test_until_done_outlasts_a_locked_database(tmp_path: Path, fake: FakeComfyUI) -> None:
     """--until-done with every job finished but a hook delivery still in flight, while a
-    writer holds the lock across several ticks: the daemon keeps going (it neither dies
-    on the busy database nor calls it done), then finishes once the lock and hook are done.
-    (Its ticks have nothing to write: what meets the lock is the read of the outbox.)"""
+    writer holds the lock: the hook finishes, and its result cannot be recorded. The
+    daemon keeps going (it neither dies on the busy database nor calls it done: the
+    delivery is still pending), its reads never meet the lock (no housekeeping fails),
+    and it finishes once the lock is gone, the hook sent once."""
     gate_open = asyncio.Event()
     hook_connected = asyncio.Event()
+    runs = 0
 
     async def gate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal runs
+        runs += 1
         hook_connected.set()
         await gate_open.wait()
         writer.write(b"x")
@@ -508,16 +512,18 @@ async def test_until_done_outlasts_a_locked_database(tmp_path: Path, fake: FakeC
             await proc.until(hook_connected.wait(), "the hook ran")  # so the job is recorded
             with connect(db) as writer:
                 writer.execute("BEGIN IMMEDIATE")
-                first = await proc.wait_event("housekeeping_failed")
-                await proc.wait_event("housekeeping_failed", start=first + 1)
+                gate_open.set()
+                first = await proc.wait_event("hook_result_not_recorded")
+                await proc.wait_event("hook_result_not_recorded", start=first + 1)
                 assert not proc.named("all_done")
+                assert not proc.named("housekeeping_failed")
                 writer.execute("ROLLBACK")
-            gate_open.set()
             assert await proc.wait() == 0, proc.describe()
     finally:
         gate_open.set()
         await proc.close()
     assert proc.named("all_done")
+    assert runs == 1
     with connect(db) as conn:
         assert job_states(conn) == {pid: "success"}
         assert conn.execute("SELECT state FROM hook_deliveries").fetchall() == [("delivered",)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from comfywatch.store import Store
 from comfywatch.testing import FakeComfyUI
 
 from .conftest import write_config
+from .daemon_proc import DaemonProcess, connect
 from .helpers import comfywatch
 from .receiver import Receiver
 from .test_hooks import WHSEC
@@ -147,3 +149,62 @@ async def test_dead_delivery_is_revived_by_hooks_retry(tmp_path: Path, fake: Fak
         assert code == 2 and "--all-dead" in err
     finally:
         await receiver.stop()
+
+
+async def test_hooks_retry_reaches_a_running_daemon_within_a_poll_interval(
+    tmp_path: Path, fake: FakeComfyUI
+) -> None:
+    """A running daemon, a delivery gone dead: ``comfywatch hooks retry`` (another
+    process) queues it, and the daemon sends it within a couple of poll intervals: it
+    looks at the outbox every poll interval, not only when its own ticks change jobs or
+    after its idle timer (60 s, never reached here: the receiver waits 10 s at most).
+    Asked again while it is in flight, ``hooks retry`` says it is already queued (exit 0);
+    once delivered, or for an id that does not exist, it says so and exits 1."""
+    receiver = Receiver(statuses=[500, 500])
+    await receiver.start()
+    pid = fake.submit()
+    config = write_config(
+        tmp_path,
+        {"local": fake.url},
+        [{"server": "local", "prompt_id": pid, "hooks": ["notify"]}],
+        daemon={"poll_interval_s": 0.2},
+        extra=HOOKS.format(url=receiver.url),
+    )
+    env = {"TEST_NOTIFY_SECRET": WHSEC}
+    proc = await DaemonProcess.start(config, env=env)
+    try:
+        await proc.wait_event("hook_dead")
+        [dead] = [d for d, _ in await deliveries_of(tmp_path)]
+        receiver.hang = True  # the retried attempt stays in flight until released
+
+        code, out, err = await comfywatch(
+            "hooks", "retry", str(dead), "--config", str(config), env=env
+        )
+        assert code == 0 and "1 delivery queued again" in out, err
+        await proc.until(receiver.wait_until(lambda: receiver.active == 1), "the retry arrives")
+
+        code, out, err = await comfywatch(
+            "hooks", "retry", str(dead), "--config", str(config), env=env
+        )
+        assert code == 0, err
+        assert "0 deliveries queued again" in out and f"delivery {dead} is already queued" in out
+
+        receiver.release.set()
+        await proc.wait_event("hook_delivered")
+        code, out, err = await comfywatch(
+            "hooks", "retry", str(dead), str(dead + 1), "--config", str(config), env=env
+        )
+        assert code == 1, (out, err)
+        assert f"delivery {dead} is delivered" in err and f"no delivery {dead + 1}" in err
+        proc.send(signal.SIGTERM)
+        assert await proc.wait() == 0, proc.describe()
+    finally:
+        await proc.close()
+        await receiver.stop()
+    assert len(receiver.requests) == 3
+
+
+async def deliveries_of(folder: Path) -> list[tuple[int, str]]:
+    """(id, state) of every delivery in the daemon's database, read with ``sqlite3``."""
+    with connect(folder / "comfywatch.db") as conn:
+        return list(conn.execute("SELECT id, state FROM hook_deliveries"))

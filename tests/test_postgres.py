@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Connection, text
 
-from comfywatch.errors import StoreError
+from comfywatch.errors import LockLost, StoreError
 from comfywatch.history import parse_history_entry
 from comfywatch.hooks import HookDispatcher
 from comfywatch.states import DeliveryState, JobState, Reason
@@ -153,3 +153,92 @@ async def test_hooks_in_batches_on_postgresql(pg_url: str) -> None:
         await dispatcher.close()
         await receiver.stop()
         await store.close()
+
+
+async def lock_holder(pg_url: str) -> tuple[int, str]:
+    """The backend pid holding the daemon's advisory lock in ``pg_url``'s database, and
+    that backend's state."""
+    import asyncpg
+
+    name = pg_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(ADMIN_URL.replace("postgresql://", "postgres://"), timeout=5)
+    try:
+        row = await admin.fetchrow(
+            "SELECT l.pid, a.state FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = $1)",
+            name,
+        )
+    finally:
+        await admin.close()
+    assert row is not None, "nobody holds the lock"
+    return int(row["pid"]), str(row["state"])
+
+
+async def terminate(pid: int) -> None:
+    import asyncpg
+
+    admin = await asyncpg.connect(ADMIN_URL.replace("postgresql://", "postgres://"), timeout=5)
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+
+
+async def test_the_daemon_lock_has_its_own_connection_whose_loss_is_noticed(
+    pg_url: str,
+) -> None:
+    """The advisory lock lives on a connection outside the pool, idle (no transaction left
+    open). A pooled connection terminated by the server is replaced, and the lock stays;
+    the lock's connection terminated is the lock lost: the callback fires and
+    ``check_daemon_lock`` raises LockLost."""
+    store = Store.open(pg_url)
+    lost = asyncio.Event()
+    try:
+        await store.migrate()
+        await store.lock_for_daemon(on_lost=lost.set)
+        assert store.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        pid, state = await lock_holder(pg_url)
+        assert state == "idle"
+        await store.check_daemon_lock()
+
+        async with store.engine.connect() as conn:
+            pooled = await conn.scalar(text("SELECT pg_backend_pid()"))
+        assert pooled != pid
+        await terminate(int(pooled))
+        assert await store.pending_delivery_count() == 0  # the pool replaced it
+        assert not lost.is_set()
+
+        await terminate(pid)
+        async with asyncio.timeout(30):
+            await lost.wait()
+        with pytest.raises(LockLost, match="lost the lock"):
+            await store.check_daemon_lock()
+    finally:
+        await store.close()
+
+
+async def test_a_daemon_whose_lock_is_terminated_stops(pg_url: str, tmp_path: Path) -> None:
+    """``comfywatch run`` on PostgreSQL: the lock's backend is terminated from another
+    connection (pg_terminate_backend); the daemon says so in one log line and exits 69,
+    for its restart policy to start it again (and take the lock again, if it is free)."""
+    from .daemon_proc import DaemonProcess
+
+    config = write_config(
+        tmp_path,
+        {"local": "http://127.0.0.1:9"},
+        daemon={"database": pg_url, "poll_interval_s": 3600},
+    )
+    proc = await DaemonProcess.start(config)
+    try:
+        await proc.wait_event("daemon_started")
+        pid, _ = await lock_holder(pg_url)
+        await terminate(pid)
+        code = await proc.wait()
+    finally:
+        await proc.close()
+    assert code == 69, proc.describe()
+    [lost] = proc.named("database_lock_lost")
+    assert lost["level"] == "error" and "lost the lock" in lost["error"]
+    assert "lost the lock" in proc.stderr
+    assert proc.named("daemon_stopped")

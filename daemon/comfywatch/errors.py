@@ -135,3 +135,8 @@ class PromptRefused(ServerError):
     @property
     def kind(self) -> str:
         return "refused"
+
+
+class LockLost(ComfywatchError):
+    """The lock that keeps a second daemon off the database is gone (on PostgreSQL, its
+    connection ended): another daemon may take over, so this one must stop."""

@@ -4,7 +4,9 @@ The gauges (jobs and deliveries by state, the oldest active job) are refreshed a
 every ``STATS_EVERY_S``. With ``retention_days`` set, old terminal jobs are pruned at most
 every ``PRUNE_EVERY_S``, in a task of its own and in small transactions, so ticks go on
 between the batches. Those intervals run on the monotonic clock; the ages and the
-retention cutoff, on stored times, on the wall clock.
+retention cutoff, on stored times, on the wall clock. A prune that fails on a database
+fault is logged and tried again at the next hour; anything else it raises is a bug, raised
+by :meth:`Housekeeping.check`.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ class Housekeeping:
         metrics: Metrics,
         spool: Spool | None = None,
         mono: Callable[[], float] = time.monotonic,
+        on_failed: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_failed = on_failed
         self._spool = spool
         self._metrics = metrics
         self._mono = mono
@@ -65,7 +69,9 @@ class Housekeeping:
         self, now_s: float, retention_days: float, keep: Collection[tuple[str, str]]
     ) -> None:
         """Start pruning jobs older than ``retention_days`` (but those in ``keep``) if an
-        hour has passed since the last run and none is running."""
+        hour has passed since the last run and none is running. Raises what the last
+        one raised, if it failed (see :meth:`check`)."""
+        self.check()
         now_m = self._mono()
         recent = self._last_prune_m is not None and now_m - self._last_prune_m < PRUNE_EVERY_S
         if recent or (self._prune_task is not None and not self._prune_task.done()):
@@ -74,11 +80,29 @@ class Housekeeping:
         self._prune_task = asyncio.create_task(
             self._prune(now_s, retention_days, keep), name="prune"
         )
+        if self._on_failed is not None:
+            on_failed = self._on_failed
+            self._prune_task.add_done_callback(
+                lambda t: None if t.cancelled() or t.exception() is None else on_failed()
+            )
 
-    async def stop(self) -> None:
-        if self._prune_task is not None:
-            self._prune_task.cancel()  # between batches: each batch commits whole
-            await asyncio.wait({self._prune_task})
+    def check(self) -> None:
+        """Raise what a prune that ended raised (a bug: database faults are logged)."""
+        task = self._prune_task
+        if task is not None and task.done():
+            self._prune_task = None
+            if not task.cancelled():
+                task.result()
+
+    async def stop(self) -> list[BaseException]:
+        """End a prune in flight; returns what a prune that had ended raised."""
+        task, self._prune_task = self._prune_task, None
+        if task is None:
+            return []
+        task.cancel()  # between batches: each batch commits whole
+        await asyncio.wait({task})
+        exc = None if task.cancelled() else task.exception()
+        return [exc] if exc is not None else []
 
     async def _prune(
         self, now_s: float, retention_days: float, keep: Collection[tuple[str, str]]

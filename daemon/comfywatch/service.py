@@ -1,6 +1,12 @@
 """The daemon: wiring, signals (TERM/INT stop, HUP reload), reloads, the main loop.
 
 No HTTP to ComfyUI and no SQL here: the poller, the hook dispatcher and the store do that.
+
+Faults that pass (a busy or unreachable database: ``StoreError``) are logged and tried
+again. Anything else raised by the daemon's own machinery (the store, a tick's
+bookkeeping, the dispatcher, a background task) is a bug: it ends :meth:`Daemon.run`
+with that exception, once, and the command line logs it and exits with status 70. (An
+error met on one server's data stays with that server: see ``Poller``.)
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from comfywatch.advice import config_advice
 from comfywatch.clock import SYSTEM_CLOCK, Clock
 from comfywatch.comfy import SocketEvent
 from comfywatch.config import Settings, config_fingerprint, load_settings
-from comfywatch.errors import ConfigError, StoreError
+from comfywatch.errors import ConfigError, LockLost, StoreError
 from comfywatch.history import Progress
 from comfywatch.hooks import HookDispatcher
 from comfywatch.housekeeping import Housekeeping
@@ -107,11 +113,19 @@ class Daemon:
         self._reload_event = asyncio.Event()
         self._wake = asyncio.Event()
         self._hinted: set[str] = set()
-        self._watchers = QueueWatchers(self._socket_event, self._socket_progress)
+        # A background task ended, or the database lock was lost: look at once.
+        self._trouble = False
+        self._watchers = QueueWatchers(
+            self._socket_event, self._socket_progress, on_ended=self.notice_trouble
+        )
         self.progress = ProgressBook()
         self.spool = Spool(settings, metrics=self.metrics)
         self._housekeeping = Housekeeping(
-            store=store, metrics=self.metrics, spool=self.spool, mono=clock.mono
+            store=store,
+            metrics=self.metrics,
+            spool=self.spool,
+            mono=clock.mono,
+            on_failed=self.notice_trouble,
         )
         # Taken before the files were read, so an edit made during a load is not missed.
         self._fingerprint = settings.fingerprint
@@ -139,9 +153,16 @@ class Daemon:
             concurrency=d.hook_concurrency,
             metrics=self.metrics,
             clock=clock.wall,
+            look_every_s=d.poll_interval_s,
         )
 
     # -- control ------------------------------------------------------------------------
+
+    def notice_trouble(self) -> None:
+        """A background task ended, or the database lock was lost: the main loop looks
+        (:meth:`_check_background`) without waiting for the next tick."""
+        self._trouble = True
+        self._wake.set()
 
     def request_stop(self) -> None:
         self.stop_event.set()
@@ -218,7 +239,9 @@ class Daemon:
         )
         for client in stale:
             await client.close()
-        self.dispatcher.configure(hooks=settings.hooks)
+        self.dispatcher.configure(
+            hooks=settings.hooks, look_every_s=settings.daemon.poll_interval_s
+        )
         self.spool.configure(settings)
         self.settings = settings
         new = self._registered(added)
@@ -243,16 +266,32 @@ class Daemon:
     # -- the loop -----------------------------------------------------------------------
 
     async def run(self, *, until_done: bool = False) -> int:
-        """Poll until stopped (or, with ``until_done``, until nothing is left to do)."""
+        """Poll until stopped (or, with ``until_done``, until nothing is left to do).
+
+        Raises :class:`LockLost` if the database lock is lost, and what a bug raised
+        (see the module's docstring). The notify socket is closed when it returns."""
+        try:
+            return await self._run(until_done)
+        except LockLost as exc:
+            log.error("database_lock_lost", error=str(exc))
+            raise
+        finally:
+            self.notifier.close()
+
+    async def _run(self, until_done: bool) -> int:
         await self.start()
         dispatcher_task = asyncio.create_task(self.dispatcher.run(self.stop_event))
         self._progress_task = asyncio.create_task(self._progress_writer.run(self.stop_event))
+        self._progress_task.add_done_callback(lambda _: self.notice_trouble())
+        dispatcher_task.add_done_callback(lambda _: self.notice_trouble())
+        failing: BaseException | None = None  # what ends the loop, if anything does
         try:
             self.status.ready = True
             self.notifier.notify(ready=True, status=self._status_line())
             self._watchers.start(self.poller.clients())
             next_full_s = time.monotonic()
             while not self.stop_event.is_set():
+                await self._check_background(dispatcher_task)
                 if self._reload_event.is_set():
                     self._reload_event.clear()
                     await self.reload(why="SIGHUP")
@@ -272,36 +311,60 @@ class Daemon:
                     next_full_s = time.monotonic() + retry_s
                 if self.stop_event.is_set():
                     break  # the dispatcher ends on a stop too: that is no failure
-                self._check_background(dispatcher_task)
+                await self._check_background(dispatcher_task)
                 if until_done and await self._all_done():
                     log.info("all_done")
                     break
                 await self._sleep_until(next_full_s)
+        except BaseException as exc:
+            failing = exc
+            raise
         finally:
             self.stop_event.set()
             self.notifier.notify(stopping=True)
-            await self._watchers.stop()
-            await self._housekeeping.stop()
+            failures = await self._watchers.stop()
+            failures += await self._housekeeping.stop()
             await asyncio.wait({self._progress_task})  # ends its write in flight, if any
+            if not self._progress_task.cancelled():
+                progress_failure = self._progress_task.exception()
+                if progress_failure is not None:
+                    failures.append(progress_failure)
             self.dispatcher.wake()
             try:
-                await self._stop_dispatcher(dispatcher_task)
+                failures += await self._stop_dispatcher(dispatcher_task)
             finally:
                 await self.poller.close()
                 await self.dispatcher.close()
                 log.info("daemon_stopped")
+            self._raise_late(failures, failing)
         return 0
 
-    async def _stop_dispatcher(self, task: asyncio.Task[None]) -> None:
+    async def _stop_dispatcher(self, task: asyncio.Task[None]) -> list[BaseException]:
         """Let in-flight deliveries finish within the grace period, then cancel them
-        (they stay pending and are sent again after the restart: at least once)."""
+        (they stay pending and are sent again after the restart: at least once).
+        Returns what the dispatcher raised, if it failed."""
         done, _ = await asyncio.wait({task}, timeout=HOOK_STOP_GRACE_S)
         if not done:
             log.warning("hook_attempts_cancelled_on_stop", grace_s=HOOK_STOP_GRACE_S)
             task.cancel()
             await asyncio.wait({task})
-        if not task.cancelled() and task.exception() is not None:
-            log.error("hook_dispatcher_failed", error=repr(task.exception()))
+        exc = None if task.cancelled() else task.exception()
+        return [exc] if exc is not None else []
+
+    @staticmethod
+    def _raise_late(failures: list[BaseException], failing: BaseException | None) -> None:
+        """Background tasks that failed while the daemon stopped: the first is raised
+        (a bug: the exit status says so), unless the daemon already stops on another
+        exception; those not raised are logged. One raised already is left alone."""
+        late = [exc for exc in failures if exc is not failing]
+        if failing is None and late:
+            first, *late = late
+        else:
+            first = None
+        for exc in late:
+            log.error("background_task_failed", exc_info=exc)
+        if first is not None:
+            raise first
 
     async def ingest_spool(self, budget_s: float = SPOOL_BUDGET_S) -> list[ActiveJob]:
         """Register what waits in ``jobs_dir`` (bad files are set aside, never fatal), and
@@ -376,7 +439,7 @@ class Daemon:
         gap_end_s = time.monotonic() + self._hint_gap_s()
         while True:
             self._wake.clear()
-            if self.stop_event.is_set() or self._reload_event.is_set():
+            if self.stop_event.is_set() or self._reload_event.is_set() or self._trouble:
                 return
             now_s = time.monotonic()
             if now_s >= deadline_s or (self._hinted and now_s >= gap_end_s):
@@ -418,8 +481,11 @@ class Daemon:
         self._hinted.add(server)
         self._wake.set()
 
-    def _check_background(self, dispatcher: asyncio.Task[None]) -> None:
-        """A background task that died stops the daemon loudly, never half-running."""
+    async def _check_background(self, dispatcher: asyncio.Task[None]) -> None:
+        """A background task that died, or a lost database lock, stops the daemon loudly,
+        never half-running."""
+        self._trouble = False
+        await self.store.check_daemon_lock()
         if dispatcher.done():
             dispatcher.result()
             raise RuntimeError("hook dispatcher stopped unexpectedly")
@@ -427,6 +493,7 @@ class Daemon:
             self._progress_task.result()
             raise RuntimeError("progress writer stopped unexpectedly")
         self._watchers.check()
+        self._housekeeping.check()
 
     def _status_line(self) -> str:
         s = self.status
@@ -439,8 +506,14 @@ class Daemon:
 async def run_daemon(settings: Settings, *, until_done: bool = False) -> int:
     """Open the store and run until stopped. Raises StoreError if the database fails."""
     store = Store.open(settings.daemon.database_url)
+    daemon: Daemon | None = None
+
+    def lock_lost() -> None:
+        if daemon is not None:
+            daemon.notice_trouble()
+
     try:
-        await store.lock_for_daemon()
+        await store.lock_for_daemon(on_lost=lock_lost)
         # What exists now (modules, classes, the ORM, settings) lives as long as the process:
         # full collections skip it from here on. Scanning it again at each one stalled the
         # loop for a few hundred ms on a busy machine while a flood of spool files came in.
@@ -467,4 +540,6 @@ async def run_daemon(settings: Settings, *, until_done: bool = False) -> int:
             if server is not None:
                 await server.cleanup()
     finally:
+        if daemon is not None:
+            daemon.notifier.close()  # run() closes it; not reached if the listener failed
         await store.close()

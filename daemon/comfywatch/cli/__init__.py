@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from comfywatch.cli.output import EX_CONFIG, EX_PIPE, EX_UNAVAILABLE, err
 from comfywatch.cli.parser import build_parser
-from comfywatch.errors import ConfigError, StoreError
+from comfywatch.errors import ConfigError, LockLost, StoreError
 
 __all__ = ["build_parser", "main"]
 
@@ -46,7 +46,7 @@ def _main(argv: Sequence[str] | None) -> int:
         for problem in exc.problems:
             err(f"configuration error: {problem}")
         return EX_CONFIG
-    except StoreError as exc:
+    except (StoreError, LockLost) as exc:
         err(str(exc))
         return EX_UNAVAILABLE
     except KeyboardInterrupt:

@@ -6,16 +6,28 @@ import argparse
 import asyncio
 
 from comfywatch.cli.context import configure_logging, settings_of
-from comfywatch.cli.output import EX_OK, err, labels_text, table
+from comfywatch.cli.output import EX_OK, EX_SOFTWARE, err, labels_text, table
 from comfywatch.config import Settings, url_origin
+from comfywatch.errors import ComfywatchError
 
 
 def run(args: argparse.Namespace) -> int:
+    """The daemon. A bug (any exception that is not one of ours) is logged once, with its
+    traceback, and the exit status is 70 (EX_SOFTWARE): systemd's restart policy acts,
+    rather than a loop retrying what will fail again."""
     settings = settings_of(args)
     configure_logging(args, settings)
     from comfywatch.service import run_daemon
 
-    return asyncio.run(run_daemon(settings, until_done=args.until_done))
+    try:
+        return asyncio.run(run_daemon(settings, until_done=args.until_done))
+    except ComfywatchError:
+        raise  # a config or database problem: main() says it, with its exit status
+    except Exception:
+        import structlog
+
+        structlog.get_logger("comfywatch.service").exception("daemon_crashed")
+        return EX_SOFTWARE
 
 
 def migrate(args: argparse.Namespace) -> int:

@@ -56,24 +56,40 @@ def hooks(args: argparse.Namespace) -> int:
 
 
 def _retry(database_url: str, ids: Sequence[int], *, all_dead: bool) -> int:
+    """Queue dead deliveries again: those named, or every dead one. A running daemon
+    sends them within one poll interval. Exit 0 when every delivery named is queued
+    (again, or already), 1 when one is missing or was delivered already."""
     from comfywatch.store import Store
 
-    async def revive() -> int | None:
+    if not ids and not all_dead:
+        err("hooks retry: give delivery ids or --all-dead")
+        return EX_USAGE
+
+    async def requeue() -> tuple[int, dict[int, DeliveryState | None]]:
         store = Store.open(database_url, create=False)
         try:
             await store.check_schema()
-            if not ids and not all_dead:
-                return None
-            return await store.revive_deliveries(ids, all_dead=all_dead, now_s=time.time())
+            now_s = time.time()
+            if all_dead:
+                return await store.revive_deliveries((), all_dead=True, now_s=now_s), {}
+            before = await store.requeue_deliveries(ids, now_s=now_s)
+            return sum(state is DeliveryState.DEAD for state in before.values()), before
         finally:
             await store.close()
 
-    count = asyncio.run(revive())
-    if count is None:
-        err("hooks retry: give delivery ids or --all-dead")
-        return EX_USAGE
+    count, before = asyncio.run(requeue())
     print(f"{count} deliver{'y' if count == 1 else 'ies'} queued again")
-    return EX_OK if count or all_dead else EX_FAILURE
+    code = EX_OK
+    for delivery_id, state in before.items():
+        if state is DeliveryState.PENDING:
+            print(f"delivery {delivery_id} is already queued")
+        elif state is None:
+            err(f"hooks retry: no delivery {delivery_id}")
+            code = EX_FAILURE
+        elif state is not DeliveryState.DEAD:
+            err(f"hooks retry: delivery {delivery_id} is {state.value}, not sent again")
+            code = EX_FAILURE
+    return code
 
 
 def _test(settings: Settings, name: str, state: JobState) -> int:

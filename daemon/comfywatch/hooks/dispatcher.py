@@ -5,6 +5,9 @@ It claims due deliveries in batches (one query for up to ``claim_size``, with al
 events need), runs their attempts in one lane per hook (at most ``concurrency`` at once per
 hook: a slow receiver holds only its own slots), records the outcomes in batches (see
 :mod:`comfywatch.hooks.recorder`), then sleeps until a delivery is due, a wake-up or a stop.
+While running, it also looks at the outbox at least every ``look_every_s`` (the poll
+interval), a cheap indexed read: deliveries queued by another process (``comfywatch hooks
+retry``) go out within that time.
 
 A delivery is held in memory from its claim until its outcome is recorded, and left out of
 later claims meanwhile: never attempted twice at once, nor again because its result waits
@@ -34,7 +37,8 @@ from comfywatch.store import DueBatch, DueDelivery, Store
 
 log = structlog.get_logger("comfywatch.hooks")
 
-#: The longest the dispatcher sleeps without looking at the outbox (clock jumps, missed wakes).
+#: The longest the dispatcher sleeps without looking at the outbox (clock jumps, missed
+#: wakes, deliveries queued by another process).
 MAX_IDLE_S = 60.0
 #: Due deliveries asked for in one query.
 CLAIM_SIZE = 256
@@ -61,10 +65,16 @@ class _Claims:
     #: Hooks left out of the last claim because enough of theirs were waiting.
     skipped_hooks: frozenset[str] = frozenset()
     retry_at: float = 0.0  # monotonic: no claim before, after a read error
+    #: Look at the outbox at least this often (None: only when a delivery is due or on a
+    #: wake), for what other processes queue; ``looked_at`` is monotonic.
+    look_every_s: float | None = None
+    looked_at: float = 0.0
 
     def due(self, now_s: float) -> bool:
         if time.monotonic() < self.retry_at:
             return False
+        if self.look_every_s is not None and time.monotonic() >= self._next_look():
+            return True
         return self.needed or (self.next_due is not None and self.next_due <= _at(now_s))
 
     def delay(self, now_s: float) -> float:
@@ -72,11 +82,18 @@ class _Claims:
             return self.retry_at - time.monotonic()
         if self.needed:
             return 0.0
-        if self.next_due is None:
-            return MAX_IDLE_S
-        return max(MIN_SLEEP_S, self.next_due.timestamp() - now_s)
+        delays = [MAX_IDLE_S]
+        if self.next_due is not None:
+            delays.append(max(MIN_SLEEP_S, self.next_due.timestamp() - now_s))
+        if self.look_every_s is not None:
+            delays.append(max(MIN_SLEEP_S, self._next_look() - time.monotonic()))
+        return min(delays)
+
+    def _next_look(self) -> float:
+        return self.looked_at + min(self.look_every_s or MAX_IDLE_S, MAX_IDLE_S)
 
     def claimed(self, batch: DueBatch, *, skipped: set[str]) -> None:
+        self.looked_at = time.monotonic()
         self.needed = False
         self.next_due = batch.next_at
         self.skipped_hooks = frozenset(skipped)
@@ -128,6 +145,7 @@ class HookDispatcher:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         claim_size: int = CLAIM_SIZE,
+        look_every_s: float = MAX_IDLE_S,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -137,6 +155,8 @@ class HookDispatcher:
         self._hooks: dict[str, HookSettings] = dict(hooks)
         self._concurrency = concurrency
         self._claim_size = claim_size
+        self._look_every_s = look_every_s
+        self._work: _Work | None = None  # run()'s
         self._metrics = metrics
         self._clock = clock
         self._attempts = Attempts(clock=clock)
@@ -145,9 +165,16 @@ class HookDispatcher:
 
     # -- control ------------------------------------------------------------------------
 
-    def configure(self, *, hooks: Mapping[str, HookSettings]) -> None:
-        """Adopt reloaded hook settings (attempts already running keep the old ones)."""
+    def configure(
+        self, *, hooks: Mapping[str, HookSettings], look_every_s: float | None = None
+    ) -> None:
+        """Adopt reloaded hook settings (attempts already running keep the old ones), and
+        a new poll interval."""
         self._hooks = dict(hooks)
+        if look_every_s is not None:
+            self._look_every_s = look_every_s
+            if self._work is not None:
+                self._work.claims.look_every_s = look_every_s
         self.wake()
 
     def wake(self) -> None:
@@ -165,11 +192,14 @@ class HookDispatcher:
         """Send due deliveries until ``stop`` is set, then let running attempts finish and
         record their outcomes.
 
-        If run() is cancelled while it lets them finish, they are cancelled too (their
-        deliveries stay pending). A task that fails unexpectedly (a bug) makes run() raise:
-        loudly, not half-broken.
+        If run() is cancelled, attempts in flight are cancelled too (their deliveries
+        stay pending). Anything but a database fault that passes (a bug, in an
+        attempt, a recording or a claim) makes run() raise at once: loudly, not
+        half-broken. Attempts in flight are cancelled then; their deliveries stay pending.
         """
         work = self._new_work()
+        work.claims.look_every_s = self._look_every_s
+        self._work = work
         stop_watch = asyncio.create_task(stop.wait(), name="hook-stop-watch")
         stop_watch.add_done_callback(lambda _: self._nudge.set())
         try:
@@ -185,10 +215,14 @@ class HookDispatcher:
                 self._advance(work)
                 await self._sleep(work.delay(self._clock()))
                 self._collect(work)
+        except BaseException:
+            await self._abandon(work)
+            raise
         finally:
+            self._work = None
             stop_watch.cancel()
             await asyncio.wait([stop_watch])
-            await self._finish(work)
+        await self._finish(work)
 
     async def run_once(self) -> int:
         """Send every delivery due now (each at most once), wait for their outcomes to be
@@ -282,6 +316,15 @@ class HookDispatcher:
             )
             if verdict.next_attempt_s is not None:
                 work.claims.earlier(verdict.next_attempt_s)
+
+    @staticmethod
+    async def _abandon(work: _Work) -> None:
+        """After a bug: cancel the attempts and the recording in flight, forget what waits
+        (pending in the outbox: made again after the restart). No task outlives this."""
+        work.lanes.drop_waiting()
+        await work.lanes.cancel()
+        await work.recorder.cancel()
+        work.recorder.drop()
 
     async def _finish(self, work: _Work) -> None:
         """Start nothing new; let running attempts finish and record every outcome held

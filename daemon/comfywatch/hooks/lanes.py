@@ -10,10 +10,14 @@ from collections import Counter, deque
 from collections.abc import Callable, Collection, Coroutine, Iterable
 from typing import Any
 
+import structlog
+
 from comfywatch.hooks.attempt import Outcome
 from comfywatch.store import DueDelivery
 
 Attempt = Callable[[DueDelivery], Coroutine[Any, Any, Outcome]]
+
+log = structlog.get_logger("comfywatch.hooks")
 
 
 class Lanes:
@@ -81,6 +85,11 @@ class Lanes:
             self._running[hook] -= 1
             if not self._running[hook]:
                 del self._running[hook]
+        failed = [t for _, _, t in finished if not t.cancelled() and t.exception() is not None]
+        for task in failed[1:]:
+            log.error("hook_attempt_failed", exc_info=task.exception())
+        if failed:
+            failed[0].result()  # raises (the other outcomes are made again after a restart)
         return [task.result() for _, _, task in finished]
 
     def drop_waiting(self) -> None:
@@ -97,3 +106,6 @@ class Lanes:
             await asyncio.wait(tasks)
         self._tasks.clear()
         self._running.clear()
+        for task in tasks:  # one that had failed already (a bug, met while stopping)
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                log.error("hook_attempt_failed", exc_info=exc)

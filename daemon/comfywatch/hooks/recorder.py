@@ -104,6 +104,13 @@ class Recorder:
     async def cancel(self) -> None:
         """Stop a recording in progress (its outcomes are lost: made again later)."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task])
-            self._task = None
+            task, self._task = self._task, None
+            task.cancel()
+            await asyncio.wait([task])
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                log.error("hook_recording_failed", exc_info=exc)  # a bug, met while stopping
+
+    def drop(self) -> None:
+        """Forget the outcomes not recorded (their deliveries stay pending)."""
+        self._waiting.clear()
+        self._flushing.clear()

@@ -109,13 +109,13 @@ class DeliveryQueries(Database):
         self, *, states: Sequence[DeliveryState] = (), limit: int | None = None
     ) -> list[DeliveryRecord]:
         """Deliveries in ``states`` (any if empty), newest first."""
-        async with self._session() as session:
+        async with self._session(read_only=True) as session:
             return await session.run_sync(
                 lambda s: select_deliveries(s.connection(), states=states, limit=limit)
             )
 
     async def _delivery_records(self, query: Select[HookDelivery, Job]) -> list[DeliveryRecord]:
-        async with self._session() as session:
+        async with self._session(read_only=True) as session:
             return [
                 DeliveryRecord(delivery_row(r[0]), job_row(r[1]))
                 for r in await session.execute(query)
@@ -182,8 +182,34 @@ class DeliveryQueries(Database):
             )
             return int(result.rowcount)  # type: ignore[attr-defined]
 
-    async def pending_delivery_count(self) -> int:
+    async def requeue_deliveries(
+        self, ids: Collection[int], *, now_s: float
+    ) -> dict[int, DeliveryState | None]:
+        """Make the dead deliveries among ``ids`` pending again, due now, in one
+        transaction; returns the state each id had before (``None``: no such delivery).
+        Pending ones are left as they are: they are queued already."""
+        wanted = sorted(set(ids))
         async with self._session() as session:
+            rows = await session.execute(
+                select(HookDelivery.id, HookDelivery.state).where(HookDelivery.id.in_(wanted))
+            )
+            before: dict[int, DeliveryState] = {row.id: row.state for row in rows}
+            dead = [i for i, state in before.items() if state is DeliveryState.DEAD]
+            if dead:
+                await session.execute(
+                    update(HookDelivery)
+                    .where(HookDelivery.id.in_(dead), HookDelivery.state == DeliveryState.DEAD)
+                    .values(
+                        state=DeliveryState.PENDING,
+                        attempts=0,
+                        next_attempt_at=utc(now_s),
+                        updated_at=utc(now_s),
+                    )
+                )
+        return {i: before.get(i) for i in wanted}
+
+    async def pending_delivery_count(self) -> int:
+        async with self._session(read_only=True) as session:
             count = await session.scalar(
                 select(func.count())
                 .select_from(HookDelivery)

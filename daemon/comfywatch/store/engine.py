@@ -2,19 +2,27 @@
 
 SQLite is opened in WAL mode (``sqlite3`` can read while the daemon writes) with a busy
 timeout, and write transactions start with ``BEGIN IMMEDIATE`` so that a competing writer
-delays us at the start of a transaction rather than failing it half-way. SQLAlchemy and
-driver errors are translated into :class:`~comfywatch.errors.StoreError` here.
+delays us at the start of a transaction rather than failing it half-way. Transactions that
+only read begin deferred: they never wait for the write lock, nor hold it.
+
+Faults that pass (the driver's, the lock's, I/O: see
+:func:`~comfywatch.store.drivers.is_transient`) are translated into
+:class:`~comfywatch.errors.StoreError` here, and the callers try again later. Anything
+else raised in a transaction (a bug, a row comfywatch cannot handle) goes up as it is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Self
 
+import structlog
 from sqlalchemy import Connection, event, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
@@ -24,11 +32,13 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import NullPool
 
-from comfywatch.errors import StoreError
+from comfywatch.errors import LockLost, StoreError
 from comfywatch.store.drivers import (
     DB_ERRORS,
     async_url,
+    is_transient,
     missing_database,
     short_error,
     sqlite_path,
@@ -39,8 +49,15 @@ BUSY_TIMEOUT_MS = 5_000
 DB_FILE_MODE = 0o640
 DB_DIR_MODE = 0o750
 
+#: How often, at most, :meth:`Database.check_daemon_lock` asks PostgreSQL whether the
+#: lock's connection is still there, and how long it waits for the answer.
+LOCK_CHECK_EVERY_S = 1.0
+LOCK_CHECK_TIMEOUT_S = 10.0
+
 #: Execution option of a transaction that only reads: SQLite begins it deferred.
 _READ_ONLY = "comfywatch_read_only"
+
+log = structlog.get_logger("comfywatch.store")
 
 
 class Database:
@@ -54,7 +71,12 @@ class Database:
         self._path = path
         self._file_id = _file_id(path) if path is not None else None
         self._lock_fd: int | None = None
+        # PostgreSQL: the advisory lock's own connection (an engine without a pool), and
+        # why it was lost, if it was.
+        self._lock_engine: AsyncEngine | None = None
         self._lock_conn: AsyncConnection | None = None
+        self._lock_lost: str | None = None
+        self._lock_checked_at = 0.0  # monotonic
 
     @classmethod
     def open(cls, url: str, *, create: bool = True, readonly: bool = False) -> Self:
@@ -80,30 +102,81 @@ class Database:
             _configure_sqlite(engine, immediate=not readonly)
         return cls(engine, path=path)
 
-    async def lock_for_daemon(self) -> None:
+    async def lock_for_daemon(self, *, on_lost: Callable[[], None] | None = None) -> None:
         """Make sure no other daemon uses this database (two would send every hook twice):
         an exclusive ``flock`` beside a SQLite file, an advisory lock on PostgreSQL. Held
-        until :meth:`close` (or the process ends, however it ends)."""
+        until :meth:`close` (or the process ends, however it ends).
+
+        PostgreSQL's lock lives as long as its session: it has a connection of its own,
+        outside the pool. ``on_lost`` is called when that connection ends (the server
+        terminated it, the network dropped it); :meth:`check_daemon_lock` then raises.
+        """
         if self._path is not None:
             self._lock_fd = _flock_beside(self._path)
         elif self.engine.dialect.name == "postgresql":
-            self._lock_conn = await self._advisory_lock()
+            await self._advisory_lock(on_lost)
 
-    async def _advisory_lock(self) -> AsyncConnection:
+    async def _advisory_lock(self, on_lost: Callable[[], None] | None) -> None:
+        engine = create_async_engine(self.engine.url, poolclass=NullPool)
         try:
-            conn = await self.engine.connect()
-            got = await conn.scalar(text("SELECT pg_try_advisory_lock(hashtext('comfywatch'))"))
+            conn = await engine.connect()
         except DB_ERRORS as exc:
+            await engine.dispose()
+            raise StoreError(f"database error: {short_error(exc)}") from None
+        try:
+            # Autocommit: the lock belongs to the session, and no transaction stays open.
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            got = await conn.scalar(text("SELECT pg_try_advisory_lock(hashtext('comfywatch'))"))
+            if got:
+                raw = await conn.get_raw_connection()
+                driver = raw.driver_connection
+                add_listener = getattr(driver, "add_termination_listener", None)
+                if add_listener is not None:  # asyncpg
+                    add_listener(lambda _conn: self._lost_lock("its connection ended", on_lost))
+        except DB_ERRORS as exc:
+            await conn.close()
+            await engine.dispose()
             raise StoreError(f"database error: {short_error(exc)}") from None
         if not got:
             await conn.close()
+            await engine.dispose()
             raise StoreError("another comfywatch daemon is using this database")
-        return conn
+        self._lock_engine, self._lock_conn = engine, conn
+
+    def _lost_lock(self, why: str, on_lost: Callable[[], None] | None = None) -> None:
+        if self._lock_conn is None or self._lock_lost is not None:
+            return  # closed on purpose, or already known
+        self._lock_lost = why
+        if on_lost is not None:
+            on_lost()
+
+    async def check_daemon_lock(self) -> None:
+        """Raise :class:`LockLost` if the one-daemon lock is gone. On PostgreSQL, asks the
+        lock's connection for a sign of life, at most every ``LOCK_CHECK_EVERY_S``."""
+        if self._lock_conn is not None and self._lock_lost is None:
+            now = time.monotonic()
+            if now - self._lock_checked_at >= LOCK_CHECK_EVERY_S:
+                self._lock_checked_at = now
+                try:
+                    async with asyncio.timeout(LOCK_CHECK_TIMEOUT_S):
+                        await self._lock_conn.exec_driver_sql("SELECT 1")
+                except (*DB_ERRORS, TimeoutError) as exc:
+                    self._lost_lock(f"its connection failed: {short_error(exc)}")
+        if self._lock_lost is not None:
+            raise LockLost(
+                f"lost the lock that keeps a second daemon off this database ({self._lock_lost})"
+            )
 
     async def close(self) -> None:
-        if self._lock_conn is not None:
-            await self._lock_conn.close()
-            self._lock_conn = None
+        conn, engine = self._lock_conn, self._lock_engine
+        self._lock_conn = self._lock_engine = None
+        if conn is not None:
+            try:
+                await conn.close()
+            except DB_ERRORS as exc:  # the connection was lost already
+                log.debug("lock_connection_close_failed", error=short_error(exc))
+        if engine is not None:
+            await engine.dispose()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -115,14 +188,25 @@ class Database:
 
         A ``read_only`` transaction (it must write nothing) starts deferred on SQLite: it
         neither waits for the write lock nor holds it, and reads the last commit (WAL).
+        Every transaction that only reads is one.
+
+        Faults that pass become :class:`StoreError`; anything else (a bug, a row that
+        cannot be read) is raised as it is, so that it is not tried again forever.
         """
+        connecting = True
         try:
             async with self._sessions() as session, session.begin():
-                if read_only:
-                    await session.connection(execution_options={_READ_ONLY: True})
+                # Connect and begin now (BEGIN IMMEDIATE waits for the write lock here):
+                # drivers raise network errors unwrapped, and only while connecting.
+                await session.connection(
+                    execution_options={_READ_ONLY: True} if read_only else None
+                )
+                connecting = False
                 yield session
-        except DB_ERRORS as exc:
-            raise StoreError(f"database error: {short_error(exc)}") from None
+        except Exception as exc:
+            if is_transient(exc, connecting=connecting):
+                raise StoreError(f"database error: {short_error(exc)}") from None
+            raise
 
     async def migrate(self) -> None:
         """Upgrade the schema to the newest migration (idempotent)."""
@@ -145,6 +229,7 @@ class Database:
         self._check_file()
         try:
             async with self.engine.connect() as conn:
+                await conn.execution_options(**{_READ_ONLY: True})
                 current = await conn.run_sync(schema.current)
         except DB_ERRORS as exc:
             raise StoreError(f"database error: {short_error(exc)}") from None
@@ -156,6 +241,7 @@ class Database:
         self._check_file()
         try:
             async with self.engine.connect() as conn:
+                await conn.execution_options(**{_READ_ONLY: True})
                 current = await conn.run_sync(schema_revision)
         except DB_ERRORS as exc:
             raise StoreError(f"database error: {short_error(exc)}") from None

@@ -43,7 +43,7 @@ class JobQueries(Database):
     """Tracking and reading jobs (registering them: :mod:`comfywatch.store.registration`)."""
 
     async def active_jobs(self) -> list[ActiveJob]:
-        async with self._session() as session:
+        async with self._session(read_only=True) as session:
             rows = await session.execute(
                 select(
                     Job.id,
@@ -117,7 +117,7 @@ class JobQueries(Database):
     ) -> list[JobRecord]:
         """Jobs matching ``flt``, newest registration first, with their outputs (and their
         deliveries and raw history entries when asked)."""
-        async with self._session() as session:
+        async with self._session(read_only=True) as session:
             return await session.run_sync(
                 lambda s: select_jobs(
                     s.connection(), flt, with_deliveries=with_deliveries, with_history=with_history
@@ -126,7 +126,7 @@ class JobQueries(Database):
 
     async def job_record(self, job_id: int) -> JobRecord | None:
         """One job with its outputs, by database id."""
-        async with self._session() as session:
+        async with self._session(read_only=True) as session:
             return await session.run_sync(lambda s: select_job(s.connection(), job_id))
 
 

@@ -15,11 +15,13 @@ from comfywatch.store.reads import owes_delivery, prunable
 from comfywatch.store.values import StoreStats
 
 _ACTIVE = list(ACTIVE_STATES)
+_DAY_S = timedelta(days=1).total_seconds()
 
 
 def retention_cutoff(now_s: float, days: float) -> float:
-    """The epoch time ``days`` before ``now_s``."""
-    return now_s - timedelta(days=days).total_seconds()
+    """The epoch time ``days`` before ``now_s``; never before the epoch (a retention longer
+    than that, such as ``retention_days = 1e9``, keeps everything)."""
+    return max(0.0, now_s - days * _DAY_S)
 
 
 class UpkeepQueries(Database):
@@ -28,7 +30,7 @@ class UpkeepQueries(Database):
     async def stats(self) -> StoreStats:
         """Counts for metrics: jobs by (server, state), deliveries by (hook, state), and
         the registration time of the oldest active job per (server, state)."""
-        async with self._session() as session:
+        async with self._session(read_only=True) as session:
             jobs = await session.execute(
                 select(Job.server, Job.state, func.count()).group_by(Job.server, Job.state)
             )
@@ -68,7 +70,7 @@ class UpkeepQueries(Database):
         total = 0
         after_id = 0
         while True:
-            async with self._session() as session:
+            async with self._session(read_only=dry_run) as session:
                 rows = (
                     await session.execute(
                         select(Job.id, Job.server, Job.prompt_id)
