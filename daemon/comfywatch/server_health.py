@@ -64,6 +64,17 @@ class ServerHealthBook:
         """Whether the server may be polled now (it is not being backed off)."""
         return self._health[server].next_poll_at_s <= now_s
 
+    def reconfigured(self, server: str) -> None:
+        """A reload changed the server's settings (its URL, its credentials, ...): poll it
+        at the next tick rather than after the backoff its old settings earned."""
+        self._health[server].next_poll_at_s = 0.0
+
+    def forget(self, server: str) -> None:
+        """A reload removed the server: no health of its own any more."""
+        self._health.pop(server, None)
+        if self._metrics is not None:
+            self._metrics.server_removed(server)
+
     def succeeded(self, server: str, queue: QueueSnapshot | None, now_s: float) -> None:
         """A poll succeeded; ``queue``: the queue it read, if it read one."""
         health = self._health[server]
