@@ -16,17 +16,35 @@ from comfywatch.testing import FakeComfyUI
 
 
 class Clock:
-    """A clock the test moves by hand (starts at the real time: ComfyUI's stamps are real)."""
+    """Clocks the test moves by hand. The wall clock (``now``, also what calling the clock
+    gives) stands still unless moved; it starts at the real time, since ComfyUI's stamps
+    are real. The monotonic clock runs with the real one (the event loop's sleeps do), plus
+    every ``advance``."""
 
     def __init__(self) -> None:
         import time
 
         self.now = time.time()
+        self._mono_offset_s = 0.0
 
     def __call__(self) -> float:
         return self.now
 
+    def wall(self) -> float:
+        return self.now
+
+    def mono(self) -> float:
+        import time
+
+        return time.monotonic() + self._mono_offset_s
+
     def advance(self, seconds: float) -> None:
+        """Time passes: both clocks move forward."""
+        self.now += seconds
+        self._mono_offset_s += seconds
+
+    def step_wall(self, seconds: float) -> None:
+        """The wall clock alone is set (back when negative), as NTP or an operator does."""
         self.now += seconds
 
 

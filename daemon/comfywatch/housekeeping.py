@@ -3,13 +3,15 @@
 The gauges (jobs and deliveries by state, the oldest active job) are refreshed at most
 every ``STATS_EVERY_S``. With ``retention_days`` set, old terminal jobs are pruned at most
 every ``PRUNE_EVERY_S``, in a task of its own and in small transactions, so ticks go on
-between the batches.
+between the batches. Those intervals run on the monotonic clock; the ages and the
+retention cutoff, on stored times, on the wall clock.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection
 
 import structlog
 
@@ -29,19 +31,30 @@ PRUNE_EVERY_S = 3600.0
 class Housekeeping:
     """Keeps the gauges fresh and the database pruned; ``stop()`` ends a prune in flight."""
 
-    def __init__(self, *, store: Store, metrics: Metrics, spool: Spool | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        metrics: Metrics,
+        spool: Spool | None = None,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
         self._spool = spool
         self._metrics = metrics
-        self._last_stats_s = 0.0
-        self._last_prune_s = 0.0
+        self._mono = mono
+        #: When the gauges were refreshed and pruning started (monotonic; None: never).
+        self._last_stats_m: float | None = None
+        self._last_prune_m: float | None = None
         self._prune_task: asyncio.Task[None] | None = None
 
     async def refresh_gauges(self, now_s: float) -> None:
-        """Refresh the gauges if they are due. Raises StoreError."""
-        if now_s - self._last_stats_s < STATS_EVERY_S:
+        """Refresh the gauges if they are due (``now_s``: the wall clock, for the ages).
+        Raises StoreError."""
+        now_m = self._mono()
+        if self._last_stats_m is not None and now_m - self._last_stats_m < STATS_EVERY_S:
             return
-        self._last_stats_s = now_s
+        self._last_stats_m = now_m
         stats = await self._store.stats()
         self._metrics.set_job_counts(stats.jobs)
         self._metrics.set_delivery_counts(stats.deliveries)
@@ -53,11 +66,11 @@ class Housekeeping:
     ) -> None:
         """Start pruning jobs older than ``retention_days`` (but those in ``keep``) if an
         hour has passed since the last run and none is running."""
-        if now_s - self._last_prune_s < PRUNE_EVERY_S or (
-            self._prune_task is not None and not self._prune_task.done()
-        ):
+        now_m = self._mono()
+        recent = self._last_prune_m is not None and now_m - self._last_prune_m < PRUNE_EVERY_S
+        if recent or (self._prune_task is not None and not self._prune_task.done()):
             return
-        self._last_prune_s = now_s
+        self._last_prune_m = now_m
         self._prune_task = asyncio.create_task(
             self._prune(now_s, retention_days, keep), name="prune"
         )

@@ -24,7 +24,8 @@ _HELP: Mapping[str, str] = {
     ),
     "comfywatch_poll_duration_seconds": "Time to poll one server (queue plus history fetches).",
     "comfywatch_detection_lag_seconds": (
-        "From ComfyUI's finish timestamp to comfywatch's commit of the terminal state."
+        "From when a finish became observable (the socket frame or poll answer that showed "
+        "it) to comfywatch's commit of the terminal state, on this host's monotonic clock."
     ),
     "comfywatch_server_up": "1 if the last poll of the server succeeded, else 0.",
     "comfywatch_hook_attempts_total": (

@@ -4,6 +4,11 @@ Loaded once at start and fed with new registrations; a job leaves once its termi
 is committed. Deadlines (``not_found_after_s``, ``queue_timeout_s``, ``run_timeout_s``)
 sit in a heap ordered by time; an entry whose job changed since is skipped when popped
 (lazy invalidation), so each deadline costs O(log n) and a tick O(changes).
+
+The heap is on the wall clock, unlike the rest of the poller's scheduling: a deadline is a
+decision on stored timestamps (``registered_at``, ``queued_at``, ``started_at``), and the
+heap only says when :func:`~comfywatch.tracking.decide` may find one passed. Were the wall
+clock set back, the deadline itself would move with it.
 """
 
 from __future__ import annotations

@@ -8,19 +8,26 @@ they showed (:func:`~comfywatch.tracking.decide`) and hands every change to the 
 one transaction. The other pieces: :mod:`~comfywatch.server_poll` makes one server's
 requests, :mod:`~comfywatch.server_health` backs failing servers off and keeps the
 restart evidence, :mod:`~comfywatch.recording` writes and logs the changes.
+
+Two clocks (:mod:`~comfywatch.clock`): deadlines are decisions on stored timestamps, so
+they and the heap that wakes them are on the wall clock; everything else scheduled here
+(backoff, probes, queue reads, detection lag) is on the monotonic clock. A server that
+cannot be reached does not hold its jobs' deadlines back: they pass, and the timeout
+records in ``detail`` since when the server was unreachable and why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import structlog
 
+from comfywatch.clock import SYSTEM_CLOCK, Clock
 from comfywatch.comfy import ComfyClient, SocketEvent
 from comfywatch.config import HookSettings, ServerSettings
 from comfywatch.errors import ServerError, StoreError
@@ -38,6 +45,15 @@ log = structlog.get_logger("comfywatch.poller")
 
 #: One server's poll: each job it showed something about, with its decision.
 Decisions = list[tuple[ActiveJob, Decision]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Polled:
+    """A successful poll's decisions, and when what it showed became observable
+    (monotonic seconds)."""
+
+    decisions: Decisions
+    observed_at_s: float
 
 
 @dataclass(frozen=True)
@@ -61,8 +77,7 @@ class Poller:
         not_found_after_s: float,
         poll_interval_s: float,
         metrics: Metrics | None = None,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
         max_backoff_s: float = MAX_BACKOFF_S,
         on_poll_done: Callable[[str], None] | None = None,
     ) -> None:
@@ -70,11 +85,10 @@ class Poller:
         tick's budget finishes (so that its result is recorded soon)."""
         self._store = store
         self._clock = clock
-        self._monotonic = monotonic
         self._metrics = metrics
         self._on_poll_done = on_poll_done
         self._health = ServerHealthBook(metrics=metrics, max_backoff_s=max_backoff_s)
-        self._recorder = Recorder(store=store, metrics=metrics)
+        self._recorder = Recorder(store=store, metrics=metrics, mono=clock.mono)
         self._clients: dict[str, ComfyClient] = {}
         self._watches: dict[str, ServerWatch] = {}
         self._open = OpenJobs()
@@ -83,7 +97,7 @@ class Poller:
         #: Per server, prompts whose history entry could not be read: asked again.
         self._recheck: defaultdict[str, set[str]] = defaultdict(set)
         self._warned_unknown: set[str] = set()
-        self._inflight: dict[str, asyncio.Task[Decisions | None]] = {}
+        self._inflight: dict[str, asyncio.Task[_Polled | None]] = {}
         #: Replaced clients, closing once the polls that use them end.
         self._retiring: set[asyncio.Task[None]] = set()
         self._late: set[str] = set()
@@ -161,7 +175,7 @@ class Poller:
         """Track jobs the store just registered (those known take their new hooks);
         returns how many were new."""
         added = 0
-        now_m = self._monotonic()
+        now_m = self._clock.mono()
         for job in jobs:
             had_jobs = bool(self._open.on(job.server))
             if not self._open.add(job):
@@ -183,11 +197,11 @@ class Poller:
             return False
         watch = self._watch(server)
         if kind == "connected":
-            watch.socket_connected(self._monotonic())
+            watch.socket_connected(self._clock.mono())
         elif kind == "disconnected":
-            watch.socket_disconnected(self._monotonic())
+            watch.socket_disconnected(self._clock.mono())
         elif remaining is not None:
-            watch.socket_count(remaining)
+            watch.socket_count(remaining, self._clock.mono())
         if not self._open.on(server):
             return False
         return watch.need_tail or watch.need_queue is not None
@@ -219,7 +233,7 @@ class Poller:
         job waiting (an absence to confirm, an unreadable queue) is tried again later."""
         server = open_job.job.server
         at_s = deadline_of(open_job.view(), self._policy(server))
-        now_s = self._clock()
+        now_s = self._clock.wall()
         if at_s is not None and after_decision and at_s <= now_s:
             settings = self._servers.get(server)
             at_s = now_s + (settings.queue_refresh_s if settings else 60.0)
@@ -254,17 +268,20 @@ class Poller:
         Without it (tests, ``--once`` style use) every poll is awaited.
         """
         await self.load()
-        now_s = self._clock()
+        now_s = self._clock.wall()
         for server, job_ids in self._open.due(now_s).items():
             self._due[server] |= job_ids
             if server in self._servers:
                 self._watch(server).want_queue("deadline")
-        self._start_polls(now_s, only)
+        self._start_polls(now_s, self._clock.mono(), only)
         if self._inflight:
             await asyncio.wait(set(self._inflight.values()), timeout=budget_s)
-        decisions, polled, failed = self._collect_polls()
+        decisions, observed, polled, failed = self._collect_polls()
+        decisions += self._deadlines_while_down(now_s)
         try:
-            recorded = await self._recorder.record(decisions, now_s, self._hook_states)
+            recorded = await self._recorder.record(
+                decisions, now_s, self._hook_states, observed_at_s=observed
+            )
         except StoreError:
             # Memory stays as it was; what the polls consumed is looked at again.
             for server in {job.server for job, _ in decisions}:
@@ -280,7 +297,7 @@ class Poller:
             servers_failed=failed,
         )
 
-    def _start_polls(self, now_s: float, only: Collection[str] | None) -> None:
+    def _start_polls(self, now_s: float, now_m: float, only: Collection[str] | None) -> None:
         """Start a poll of each server that has jobs, is due and is not being polled."""
         for server in self._open.servers():
             if server not in self._clients:
@@ -291,7 +308,7 @@ class Poller:
                 continue
             if (
                 server in self._inflight
-                or not self._health.due(server, now_s)
+                or not self._health.due(server, now_m)
                 or (only is not None and server not in only)
             ):
                 continue
@@ -301,10 +318,12 @@ class Poller:
             task.add_done_callback(functools.partial(self._poll_done, server))
             self._inflight[server] = task
 
-    def _collect_polls(self) -> tuple[Decisions, int, int]:
-        """The decisions of every finished poll, how many polls finished and how many of
-        them failed; polls still running are left for a later tick."""
+    def _collect_polls(self) -> tuple[Decisions, dict[str, float], int, int]:
+        """The decisions of every finished poll, when what each server's poll showed
+        became observable (monotonic), how many polls finished and how many of them
+        failed; polls still running are left for a later tick."""
         decisions: Decisions = []
+        observed: dict[str, float] = {}
         polled = failed = 0
         for server, task in list(self._inflight.items()):
             if not task.done():
@@ -317,8 +336,26 @@ class Poller:
             if result is None:
                 failed += 1
                 continue
-            decisions.extend(result)
-        return decisions, polled, failed
+            decisions.extend(result.decisions)
+            observed[server] = result.observed_at_s
+        return decisions, observed, polled, failed
+
+    def _deadlines_while_down(self, now_s: float) -> Decisions:
+        """Decide the jobs whose deadline passed on a server that cannot be reached (its
+        last poll failed, and none is under way): a timeout records since when and why.
+        Nothing but a deadline is decided without the server's word."""
+        decisions: Decisions = []
+        for server in list(self._due):
+            health = self._health.of(server)
+            if server not in self._servers or server in self._inflight or health.up is not False:
+                continue
+            seen = Seen(unreachable=_unreachable(health))
+            policy = self._policy(server)
+            for job_id in self._due.pop(server):
+                open_job = self._open.get(job_id)
+                if open_job is not None:
+                    decisions.append((open_job.job, decide(open_job.view(), seen, now_s, policy)))
+        return decisions
 
     def _remember(self, decisions: Decisions, applied: Collection[int]) -> None:
         """Carry what was committed into memory; terminal jobs leave it."""
@@ -333,28 +370,28 @@ class Poller:
             self._open.update(job.id, decision)
             self._schedule(open_job, after_decision=True)
 
-    def _poll_done(self, server: str, task: asyncio.Task[Decisions | None]) -> None:
+    def _poll_done(self, server: str, task: asyncio.Task[_Polled | None]) -> None:
         if server in self._late and not task.cancelled() and self._on_poll_done is not None:
             self._on_poll_done(server)
 
-    async def _poll_server(self, server: str, now_s: float, *, interval: bool) -> Decisions | None:
+    async def _poll_server(self, server: str, now_s: float, *, interval: bool) -> _Polled | None:
         """Poll one server and decide what it showed; ``None`` if the server failed."""
         client = self._clients[server]
         watch = self._watch(server)
-        started = time.monotonic()
+        started = self._clock.mono()
         try:
             polled = await poll_server(
                 client,
                 watch,
                 self._open.on(server).keys(),
                 functools.partial(self._open.tracked, server),
-                self._monotonic(),
+                self._clock.mono,
                 interval=interval,
                 recheck=frozenset(self._recheck[server] & self._open.on(server).keys()),
             )
         except ServerError as exc:
             watch.failed()
-            self._health.failed(server, exc, now_s, poll_interval_s=self._poll_interval_s)
+            self._health.failed(server, exc, now_s, started, poll_interval_s=self._poll_interval_s)
             return None
         except Exception as exc:
             # A bug met on this server's data must not stop tracking everywhere else.
@@ -362,17 +399,19 @@ class Poller:
             if self._health.of(server).error_kind != "error":  # the traceback once per episode
                 log.exception("poll_failed_unexpectedly", server=server)
             error = ServerError(server, repr(exc)[:300])
-            self._health.failed(server, error, now_s, poll_interval_s=self._poll_interval_s)
+            self._health.failed(
+                server, error, now_s, started, poll_interval_s=self._poll_interval_s
+            )
             return None
         finally:
             if self._metrics is not None:
-                self._metrics.poll_latency(server, time.monotonic() - started)
-        self._health.succeeded(server, polled.queue, now_s)
+                self._metrics.poll_latency(server, self._clock.mono() - started)
+        self._health.succeeded(server, polled.queue, now_s, started)
         self._report_unreadable(server, polled)
         recheck = self._recheck[server]
         recheck.difference_update(polled.histories)
         recheck.update(polled.unreadable)
-        return self._decide_jobs(server, watch, polled, now_s)
+        return _Polled(self._decide_jobs(server, watch, polled, now_s), polled.observed_at_s)
 
     def _report_unreadable(self, server: str, polled: ServerPoll) -> None:
         if polled.queue_too_large:
@@ -412,10 +451,19 @@ class Poller:
         return decisions
 
 
-async def _close_after(client: ComfyClient, poll: asyncio.Task[Decisions | None] | None) -> None:
+async def _close_after(client: ComfyClient, poll: asyncio.Task[_Polled | None] | None) -> None:
     if poll is not None:
         await asyncio.wait({poll})
     await client.close()
+
+
+def _unreachable(health: ServerHealth) -> str:
+    """What a timeout decided while the server is down records in ``detail``."""
+    since = "an unknown time"
+    if health.down_since_s is not None:
+        at = datetime.fromtimestamp(health.down_since_s, UTC)
+        since = at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return f"server unreachable since {since}: {health.error or health.error_kind}"
 
 
 def _seen(prompt_id: str, polled: ServerPoll, suspected_at_s: float | None) -> Seen:

@@ -3,12 +3,18 @@
 The hook deliveries a terminal change owes (:func:`comfywatch.tracking.owed_hooks`) are
 written in the same transaction as the change. The commit is shielded: a stop that cancels
 the tick never cuts it in half, and :meth:`Recorder.wait` lets the poller wait for it.
+
+Detection lag (``comfywatch_detection_lag_seconds``) runs on this host's monotonic clock,
+from when the finish became observable (the socket frame or probe answer that showed the
+queue shrink, else the poll's answers) to the end of the commit: never from ComfyUI's own
+timestamps, which are on another host's clock.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -34,9 +40,16 @@ class Recorded:
 class Recorder:
     """Writes decisions to the store and logs (and counts) what was written."""
 
-    def __init__(self, *, store: Store, metrics: Metrics | None) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        metrics: Metrics | None,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
         self._metrics = metrics
+        self._mono = mono
         self._recording: asyncio.Future[list[int]] | None = None
 
     async def record(
@@ -44,8 +57,12 @@ class Recorder:
         decisions: Sequence[tuple[ActiveJob, Decision]],
         now_s: float,
         hook_states: Mapping[str, Collection[JobState]],
+        *,
+        observed_at_s: Mapping[str, float] | None = None,
     ) -> Recorded:
-        """Record every decision that changes its job's state, in one transaction."""
+        """Record every decision that changes its job's state, in one transaction.
+        ``observed_at_s``: per server, when what its poll showed became observable
+        (monotonic seconds; detection lag is measured from it)."""
         changes = [
             _change(job, decision, hook_states)
             for job, decision in decisions
@@ -53,10 +70,16 @@ class Recorder:
         ]
         self._recording = asyncio.ensure_future(self._store.record(changes, now_s))
         applied = set(await asyncio.shield(self._recording))
+        committed_at_s = self._mono()
+        observed = observed_at_s or {}
         finished = 0
         for job, decision in decisions:
             if job.id in applied:
-                finished += self._log_change(job, decision, now_s)
+                lag_s: float | None = None
+                at_s = observed.get(job.server)
+                if decision.history is not None and at_s is not None:
+                    lag_s = committed_at_s - at_s
+                finished += self._log_change(job, decision, lag_s)
         return Recorded(changed=len(applied), finished=finished, applied=frozenset(applied))
 
     async def wait(self) -> None:
@@ -65,8 +88,9 @@ class Recorder:
             log.info("waiting_for_commit")
             await asyncio.wait({self._recording})
 
-    def _log_change(self, job: ActiveJob, decision: Decision, now_s: float) -> int:
-        """Log one applied change; returns 1 if the job finished, else 0."""
+    def _log_change(self, job: ActiveJob, decision: Decision, lag_s: float | None) -> int:
+        """Log one applied change; returns 1 if the job finished, else 0. ``lag_s``: its
+        detection lag, for a finish read from the history."""
         if not decision.state.terminal:
             log.info(
                 "job_state_changed",
@@ -79,10 +103,7 @@ class Recorder:
         record = decision.history
         duration_s: float | None = None
         if record and record.started_at_ms is not None and record.finished_at_ms is not None:
-            duration_s = (record.finished_at_ms - record.started_at_ms) / 1000
-        lag_s: float | None = None
-        if record and record.finished_at_ms is not None:
-            lag_s = max(0.0, now_s - record.finished_at_ms / 1000)
+            duration_s = (record.finished_at_ms - record.started_at_ms) / 1000  # ComfyUI's clock
         log.info(
             "job_finished",
             server=job.server,
@@ -92,6 +113,7 @@ class Recorder:
             reason=decision.reason.value if decision.reason else None,
             duration_s=duration_s,
             outputs=len(record.outputs) if record else 0,
+            **({"detail": decision.detail} if decision.detail is not None else {}),
         )
         if self._metrics is not None:
             self._metrics.job_finished(job.server, decision.state, lag_s)
@@ -112,4 +134,5 @@ def _change(
         queued_at_s=decision.queued_at_s if job.queued_at is None else None,
         started_at_s=decision.started_at_s if job.started_at is None else None,
         deliveries=owed.deliveries,
+        detail=decision.detail,
     )

@@ -1,7 +1,8 @@
 """What the poller remembers about each server between polls: up or down, backoff, restarts.
 
 A failing server is backed off (exponential, jittered, capped; at once to the cap when it
-refuses our credentials); an outage is logged once per episode and its end once. Every
+refuses our credentials) on the monotonic clock, so a step of the wall clock never delays
+the next poll; an outage is logged once per episode and its end once. Every
 poll's result goes to the ``comfywatch_polls_total`` and ``comfywatch_server_up`` metrics,
 and successful ones to the restart evidence (:mod:`comfywatch.restarts`).
 """
@@ -28,14 +29,20 @@ MAX_BACKOFF_S = 60.0
 
 @dataclass
 class ServerHealth:
-    """One server's state between polls (epoch seconds)."""
+    """One server's state between polls."""
 
     #: Whether the last poll succeeded (``None``: not polled yet).
     up: bool | None = None
     failures: int = 0
-    next_poll_at_s: float = 0.0
+    #: No poll before this (monotonic seconds: scheduling).
+    next_poll_mono_s: float = 0.0
     error_kind: str | None = None
+    #: What the last failed poll met (``None`` while the server answers).
+    error: str | None = None
+    #: When the first failed poll of this outage started (epoch seconds: shown and stored).
     down_since_s: float | None = None
+    #: The same moment on the monotonic clock (the outage's length is measured on it).
+    down_since_mono_s: float | None = None
     restart: RestartEvidence = field(default_factory=RestartEvidence)
 
 
@@ -60,14 +67,14 @@ class ServerHealthBook:
     def of_all(self, servers: Iterable[str]) -> dict[str, ServerHealth]:
         return {name: self._health[name] for name in servers}
 
-    def due(self, server: str, now_s: float) -> bool:
+    def due(self, server: str, now_mono_s: float) -> bool:
         """Whether the server may be polled now (it is not being backed off)."""
-        return self._health[server].next_poll_at_s <= now_s
+        return self._health[server].next_poll_mono_s <= now_mono_s
 
     def reconfigured(self, server: str) -> None:
         """A reload changed the server's settings (its URL, its credentials, ...): poll it
         at the next tick rather than after the backoff its old settings earned."""
-        self._health[server].next_poll_at_s = 0.0
+        self._health[server].next_poll_mono_s = 0.0
 
     def forget(self, server: str) -> None:
         """A reload removed the server: no health of its own any more."""
@@ -75,14 +82,17 @@ class ServerHealthBook:
         if self._metrics is not None:
             self._metrics.server_removed(server)
 
-    def succeeded(self, server: str, queue: QueueSnapshot | None, now_s: float) -> None:
+    def succeeded(
+        self, server: str, queue: QueueSnapshot | None, now_s: float, now_mono_s: float
+    ) -> None:
         """A poll succeeded; ``queue``: the queue it read, if it read one."""
         health = self._health[server]
         if health.up is False:
+            since = health.down_since_mono_s
             log.info(
                 "server_recovered",
                 server=server,
-                down_for_s=round(now_s - (health.down_since_s or now_s), 3),
+                down_for_s=round(now_mono_s - (now_mono_s if since is None else since), 3),
                 failures=health.failures,
             )
         if queue is None:
@@ -96,15 +106,24 @@ class ServerHealthBook:
         health.up = True
         health.failures = 0
         health.error_kind = None
+        health.error = None
         health.down_since_s = None
-        health.next_poll_at_s = 0.0
+        health.down_since_mono_s = None
+        health.next_poll_mono_s = 0.0
         if self._metrics is not None:
             self._metrics.poll(server, "ok")
             self._metrics.server_up(server, True)
 
     def failed(
-        self, server: str, exc: ServerError, now_s: float, *, poll_interval_s: float
+        self,
+        server: str,
+        exc: ServerError,
+        now_s: float,
+        now_mono_s: float,
+        *,
+        poll_interval_s: float,
     ) -> None:
+        """A poll that started at ``now_s`` (``now_mono_s`` on the monotonic clock) failed."""
         health = self._health[server]
         health.failures += 1
         delay = backoff_s(
@@ -114,7 +133,7 @@ class ServerHealthBook:
             auth=isinstance(exc, ServerAuthError),
         )
         delay *= random.uniform(0.75, 1.0)  # noqa: S311 - jitter, not cryptography
-        health.next_poll_at_s = now_s + delay
+        health.next_poll_mono_s = now_mono_s + delay
         if health.error_kind != exc.kind:
             # Once per episode (or when the kind of failure changes), not once per tick.
             log.warning(
@@ -126,8 +145,10 @@ class ServerHealthBook:
             )
         if health.up is not False:
             health.down_since_s = now_s
+            health.down_since_mono_s = now_mono_s
         health.up = False
         health.error_kind = exc.kind
+        health.error = exc.message
         health.restart = infer_restart(health.restart, None, now_s).evidence
         if self._metrics is not None:
             self._metrics.poll(server, exc.kind)

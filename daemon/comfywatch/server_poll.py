@@ -42,6 +42,9 @@ class ServerPoll:
     unreadable: frozenset[str] = frozenset()
     #: The requests made, per kind (``probe``, ``tail``, ``queue``, ``history``, ``page``).
     requests: Mapping[str, int] = field(default_factory=dict)
+    #: When what this poll shows became observable (monotonic seconds): the arrival of the
+    #: socket frame or probe answer that showed the count change, else of the last answer.
+    observed_at_s: float = 0.0
 
 
 @dataclass
@@ -53,24 +56,46 @@ class _Found:
     def count(self, kind: str, n: int = 1) -> None:
         self.requests[kind] = self.requests.get(kind, 0) + n
 
+    def poll(
+        self,
+        queue: QueueSnapshot | None,
+        too_large: bool,
+        changed_at_s: float | None,
+        mono: Callable[[], float],
+    ) -> ServerPoll:
+        return ServerPoll(
+            queue,
+            too_large,
+            self.histories,
+            frozenset(self.unreadable),
+            self.requests,
+            observed_at_s=mono() if changed_at_s is None else changed_at_s,
+        )
+
 
 async def poll_server(
     client: ComfyClient,
     watch: ServerWatch,
     prompt_ids: Collection[str],
     tracked: TrackedNow,
-    now_s: float,
+    mono: Callable[[], float],
     *,
     interval: bool,
     recheck: Collection[str] = (),
 ) -> ServerPoll:
-    """Make the requests the watch says are due, feeding it each answer. ``recheck``:
-    prompts whose entry could not be read before, asked again at each poll interval."""
+    """Make the requests the watch says are due, feeding it each answer (``mono``: the
+    monotonic clock). ``recheck``: prompts whose entry could not be read before, asked
+    again at each poll interval."""
     found = _Found()
+    now_s = mono()
+    changed_at_s = watch.take_change()  # the frames that led to this poll
     plan = watch.plan(now_s, tracked(), interval=interval)
     if plan.probe and (watch.socket_up or not plan.queue):
         found.count("probe")
-        watch.probed(await client.get_queue_remaining(), now_s)
+        remaining = await client.get_queue_remaining()
+        watch.probed(remaining, mono())
+        if changed_at_s is None:
+            changed_at_s = watch.take_change()
         plan = watch.plan(now_s, tracked(), interval=interval)
     if plan.tail is not None:
         await _read_tail(client, watch, prompt_ids, tracked, plan.tail, found)
@@ -78,13 +103,13 @@ async def poll_server(
     if interval and recheck:
         await _fetch_each(client, [p for p in recheck if p not in found.histories], found)
     if not plan.queue:
-        return ServerPoll(None, False, found.histories, frozenset(found.unreadable), found.requests)
+        return found.poll(None, False, changed_at_s, mono)
     found.count("queue")
     try:
         queue = await client.get_queue()
     except ResponseTooLarge:
         watch.queue_read(None, now_s)
-        return ServerPoll(None, True, found.histories, frozenset(found.unreadable), found.requests)
+        return found.poll(None, True, changed_at_s, mono)
     watch.queue_read(len(queue.running | queue.pending), now_s)
     in_queue = queue.running | queue.pending
     absent = [pid for pid in prompt_ids if pid not in in_queue and pid not in found.histories]
@@ -93,7 +118,7 @@ async def poll_server(
         await _fetch_each(client, absent, found)
     else:
         await _page_history(client, set(absent), found)
-    return ServerPoll(queue, False, found.histories, frozenset(found.unreadable), found.requests)
+    return found.poll(queue, False, changed_at_s, mono)
 
 
 async def _read_tail(

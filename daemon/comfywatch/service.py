@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from comfywatch.clock import SYSTEM_CLOCK, Clock
 from comfywatch.comfy import SocketEvent
 from comfywatch.config import Settings, config_fingerprint, load_settings
 from comfywatch.config.schema import ListenAddress
@@ -98,10 +99,12 @@ class Daemon:
         store: Store,
         metrics: Metrics | None = None,
         notifier: SystemdNotifier | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         log_setup: Callable[[Settings], None] | None = None,
     ) -> None:
-        """``log_setup`` sets logging up for reloaded settings (level and format)."""
+        """``clock``: the wall clock for what is stored and decided on stored times, the
+        monotonic one for what is scheduled (the loop's own sleeps use the event loop's).
+        ``log_setup`` sets logging up for reloaded settings (level and format)."""
         self.settings = settings
         self.store = store
         self.metrics = metrics or Metrics()
@@ -109,7 +112,7 @@ class Daemon:
         self._clock = clock
         self._log_setup = log_setup
         self.status = DaemonStatus(servers_total=len(settings.servers))
-        self.metrics.config_loaded(True, clock())
+        self.metrics.config_loaded(True, clock.wall())
         #: The endpoints of ``[daemon] http`` (started by :func:`run_daemon`).
         self.http = HttpListener(self)
         self.stop_event = asyncio.Event()
@@ -118,7 +121,9 @@ class Daemon:
         self._hinted: set[str] = set()
         self._watchers = QueueWatchers(self._socket_event)
         self.spool = Spool(settings, metrics=self.metrics)
-        self._housekeeping = Housekeeping(store=store, metrics=self.metrics, spool=self.spool)
+        self._housekeeping = Housekeeping(
+            store=store, metrics=self.metrics, spool=self.spool, mono=clock.mono
+        )
         # Taken before the files were read, so an edit made during a load is not missed.
         self._fingerprint = settings.fingerprint
         # Whether the last tick was recorded (so the counts in self.status are current).
@@ -139,7 +144,7 @@ class Daemon:
             hooks=settings.hooks,
             concurrency=d.hook_concurrency,
             metrics=self.metrics,
-            clock=clock,
+            clock=clock.wall,
         )
 
     # -- control ------------------------------------------------------------------------
@@ -163,7 +168,7 @@ class Daemon:
     async def start(self) -> None:
         """Migrate the schema and register the configured jobs."""
         await self.store.migrate()
-        added = await self.store.register(new_jobs(self.settings), self._clock())
+        added = await self.store.register(new_jobs(self.settings), self._clock.wall())
         # STATUS= goes out with READY=1: counts from the database, not zeros. No server has
         # failed a poll yet (ticks count a server as up until one does).
         self.status.active_jobs = await self.poller.load()
@@ -200,7 +205,7 @@ class Daemon:
             # What can fail goes first, and is undone if a later step fails.
             move = await self._prepare_http(settings, changed)
             try:
-                added = await self.store.register(new_jobs(settings), self._clock())
+                added = await self.store.register(new_jobs(settings), self._clock.wall())
             except BaseException:
                 await move.rollback()
                 raise
@@ -231,7 +236,7 @@ class Daemon:
         self.status.servers_total = len(settings.servers)
         self.status.servers_up = sum(1 for h in self.poller.health().values() if h.up is not False)
         self.status.reload_error = None
-        self.metrics.config_loaded(True, self._clock())
+        self.metrics.config_loaded(True, self._clock.wall())
         log.info(
             "config_reloaded",
             why=why,
@@ -257,7 +262,7 @@ class Daemon:
         self, why: str, exc: ConfigError | StoreError, changed: list[str] | None
     ) -> bool:
         self.status.reload_error = str(exc)
-        self.metrics.config_loaded(False, self._clock())
+        self.metrics.config_loaded(False, self._clock.wall())
         fields = {} if changed is None else {"not_applied": changed}
         log.error("reload_failed", why=why, error=str(exc), kept="previous configuration", **fields)
         return False
@@ -339,7 +344,7 @@ class Daemon:
     async def ingest_spool(self, budget_s: float = SPOOL_BUDGET_S) -> list[ActiveJob]:
         """Register what waits in ``jobs_dir`` (bad files are set aside, never fatal), and
         hand the new jobs to the poller; returns them."""
-        added = await self.spool.ingest(self.store, now_s=self._clock(), budget_s=budget_s)
+        added = await self.spool.ingest(self.store, now_s=self._clock.wall(), budget_s=budget_s)
         if added:
             self.status.active_jobs += self._registered(added)
         return added
@@ -370,7 +375,7 @@ class Daemon:
         self._tick_recorded = True
         if report.changed:
             self.dispatcher.wake()
-        now = self._clock()
+        now = self._clock.wall()
         self.status.active_jobs = report.active
         self.status.last_tick_monotonic = time.monotonic()
         health = self.poller.health()

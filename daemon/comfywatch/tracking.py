@@ -43,6 +43,9 @@ class Seen:
     #: The job left the queue but its history entry could not be read this time: nothing
     #: is known, except that deadlines still pass.
     unreadable: bool = False
+    #: The server could not be reached (no poll at all): why, as a deadline's timeout
+    #: records it in ``detail``. Only deadlines pass; nothing becomes lost or not found.
+    unreachable: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,8 @@ class Decision:
     started_at_s: float | None = None
     last_seen_at_s: float | None = None
     absent_count: int = 0
+    #: Why the state was reached, when the reason alone does not say (``jobs.detail``).
+    detail: str | None = None
 
 
 def decide(job: JobView, seen: Seen, now_s: float, policy: Policy) -> Decision:
@@ -80,6 +85,8 @@ def decide(job: JobView, seen: Seen, now_s: float, policy: Policy) -> Decision:
             started_at_s=job.started_at_s,
             last_seen_at_s=job.last_seen_at_s,
         )
+    if seen.unreachable is not None:
+        return _deadline_only(job, now_s, policy, detail=seen.unreachable)
     if seen.unreadable:
         return _deadline_only(job, now_s, policy)
     if seen.running:
@@ -151,8 +158,11 @@ def _lost_unseen(job: JobView, seen: Seen) -> Reason | None:
     return None
 
 
-def _deadline_only(job: JobView, now_s: float, policy: Policy) -> Decision:
-    """Nothing was learnt about the job: it keeps its state unless a deadline passed."""
+def _deadline_only(
+    job: JobView, now_s: float, policy: Policy, *, detail: str | None = None
+) -> Decision:
+    """Nothing was learnt about the job: it keeps its state unless a deadline passed (a
+    timeout then records ``detail``)."""
     stay = Decision(
         state=job.state,
         queued_at_s=job.queued_at_s,
@@ -163,15 +173,17 @@ def _deadline_only(job: JobView, now_s: float, policy: Policy) -> Decision:
     if job.state is JobState.RUNNING:
         started = job.started_at_s if job.started_at_s is not None else job.registered_at_s
         if policy.run_timeout_s is not None and now_s - started >= policy.run_timeout_s:
-            return _terminal(stay, JobState.TIMEOUT, Reason.RUN_TIMEOUT)
+            return _terminal(stay, JobState.TIMEOUT, Reason.RUN_TIMEOUT, detail)
         return stay
     waiting_since = min(job.queued_at_s or job.registered_at_s, job.registered_at_s)
     if policy.queue_timeout_s is not None and now_s - waiting_since >= policy.queue_timeout_s:
-        return _terminal(stay, JobState.TIMEOUT, Reason.QUEUE_TIMEOUT)
+        return _terminal(stay, JobState.TIMEOUT, Reason.QUEUE_TIMEOUT, detail)
     return stay
 
 
-def _terminal(stay: Decision, state: JobState, reason: Reason) -> Decision:
+def _terminal(
+    stay: Decision, state: JobState, reason: Reason, detail: str | None = None
+) -> Decision:
     return Decision(
         state=state,
         reason=reason,
@@ -179,6 +191,7 @@ def _terminal(stay: Decision, state: JobState, reason: Reason) -> Decision:
         started_at_s=stay.started_at_s,
         last_seen_at_s=stay.last_seen_at_s,
         absent_count=stay.absent_count,
+        detail=detail,
     )
 
 

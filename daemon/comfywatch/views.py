@@ -71,6 +71,7 @@ def job_json(record: JobRecord, *, deliveries: bool = False) -> dict[str, Any]:
         "labels": dict(job.labels),
         "hooks": list(job.hooks),
         "error": error_json(job),
+        "detail": job.detail,
         "outputs": [output_json(out) for out in record.outputs],
     }
     if deliveries:

@@ -1,4 +1,5 @@
-"""What to fetch from one server, from what changed (pure: no I/O, ``now_s`` passed in).
+"""What to fetch from one server, from what changed (pure: no I/O, ``now_s`` passed in:
+monotonic seconds, since all of this is scheduling).
 
 A :class:`ServerWatch` takes the events of one server (socket up or down, a queue count
 from the socket or from ``GET /prompt``, a history tail, a queue snapshot, a failure, new
@@ -95,6 +96,10 @@ class ServerWatch:
     socket_dropped: bool = False
     #: The queue cannot be read (too large): never-seen jobs wait.
     queue_unreadable: bool = False
+    #: When the first sign of a finish not yet taken by a poll arrived (a drop in a socket
+    #: ``status`` frame, a drop or rise in a probe's answer): what detection lag is
+    #: measured from.
+    changed_at_s: float | None = None
     _anchor_set: set[str] = field(default_factory=set)
 
     # -- events -------------------------------------------------------------------------
@@ -115,13 +120,13 @@ class ServerWatch:
         self.stalled = False
         self.next_probe_at_s = now_s  # poll at the interval from now on
 
-    def socket_count(self, remaining: int) -> None:
-        """A ``status`` frame."""
+    def socket_count(self, remaining: int, now_s: float | None = None) -> None:
+        """A ``status`` frame, arrived at ``now_s`` (``None``: unknown)."""
         self.frame_since_probe = True
-        self._count_seen(remaining, from_socket=True)
+        self._count_seen(remaining, from_socket=True, now_s=now_s)
 
     def probed(self, remaining: int, now_s: float) -> None:
-        """A ``GET /prompt`` answer."""
+        """A ``GET /prompt`` answer, arrived at ``now_s``."""
         if self.socket_up:
             self.next_probe_at_s = now_s + STALL_PROBE_S
             if remaining != self.count:
@@ -138,12 +143,16 @@ class ServerWatch:
                 return  # the socket's frames carry the changes
         else:
             self.next_probe_at_s = now_s + self.poll_interval_s
-        self._count_seen(remaining, from_socket=False)
+        self._count_seen(remaining, from_socket=False, now_s=now_s)
 
-    def _count_seen(self, remaining: int, *, from_socket: bool) -> None:
+    def _count_seen(self, remaining: int, *, from_socket: bool, now_s: float | None) -> None:
         previous, self.count = self.count, remaining
         if previous is None:
             return
+        if self.changed_at_s is None and (
+            remaining < previous or (remaining > previous and not from_socket)
+        ):
+            self.changed_at_s = now_s  # a finish, or one a put may hide (see below)
         if remaining < previous:
             self.drops += previous - remaining
             self.need_tail = True
@@ -214,6 +223,13 @@ class ServerWatch:
         self._anchor_set.clear()
         self.anchor_known = False
         self.drops = 0
+        self.changed_at_s = None
+
+    def take_change(self) -> float | None:
+        """When the first change not yet looked into arrived, or ``None``; a poll takes it
+        (later changes wait for the next poll)."""
+        changed_at_s, self.changed_at_s = self.changed_at_s, None
+        return changed_at_s
 
     def registered(self, now_s: float) -> None:
         if self.registered_at_s is None:

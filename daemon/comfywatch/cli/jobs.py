@@ -39,6 +39,7 @@ _SHOWN_FIELDS = (
     "started_at",
     "finished_at",
     "detected_at",
+    "detail",
 )
 
 

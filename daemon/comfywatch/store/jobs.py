@@ -192,6 +192,8 @@ def _job_values(change: Change, now: datetime) -> dict[str, Any]:
         values["reason"] = change.reason
         values["detected_at"] = now
         values["finished_at"] = now
+        if change.detail is not None:
+            values["detail"] = change.detail
     if change.history is not None:
         values.update(_history_values(change.history, queued_known=change.queued_at_s is not None))
     return values

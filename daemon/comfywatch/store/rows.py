@@ -58,6 +58,7 @@ def job_row(job: Job, *, with_history: bool = False) -> JobRow:
         error_exception_type=job.error_exception_type,
         error_exception_message=job.error_exception_message,
         error_traceback=job.error_traceback,
+        detail=job.detail,
         history=job.history if with_history else None,
     )
 

@@ -4,6 +4,10 @@ onto these; the command line's queries use them alone, without loading the ORM.
 
 States are stored as their lowercase enum values in plain string columns; datetimes are
 timezone-aware UTC on every backend.
+
+Each timestamp comes from one of two clocks, said beside its column: the ComfyUI server's
+host ("ComfyUI's clock") or the host comfywatch runs on ("our clock", its wall clock). No
+duration is computed across the two (README, "Tables").
 """
 
 from __future__ import annotations
@@ -119,12 +123,22 @@ jobs = Table(
     Column("labels", JSON, nullable=False, default=dict),
     Column("hooks", JSON, nullable=False, default=list),
     Column("source", Text),
+    # Our clock: when the job was registered.
     _at("registered_at", nullable=False),
+    # ComfyUI's clock when the history entry has `extra_data.create_time`; else our clock,
+    # when the prompt was first seen in the queue.
     _at("queued_at"),
+    # ComfyUI's clock when the history entry has an `execution_start` timestamp; else our
+    # clock, when the prompt was first seen running.
     _at("started_at"),
+    # ComfyUI's clock when the history entry's terminal message has a timestamp; else our
+    # clock (the same as detected_at).
     _at("finished_at"),
+    # Our clock: when the terminal state was recorded.
     _at("detected_at"),
+    # Our clock: the row's last change.
     _at("updated_at", nullable=False),
+    # ComfyUI's clock: its own millisecond timestamps, kept as given.
     Column("comfy_created_at_ms", BigInteger),
     Column("comfy_started_at_ms", BigInteger),
     Column("comfy_finished_at_ms", BigInteger),
@@ -136,7 +150,7 @@ jobs = Table(
     # Why the state was reached when the reason alone does not say it, e.g. that the server
     # was unreachable when a deadline passed.
     Column("detail", Text),
-    # The last `progress` event ComfyUI broadcast for the prompt (this host's clock).
+    # The last `progress` event ComfyUI broadcast for the prompt (progress_at: our clock).
     Column("progress_node", Text),
     Column("progress_value", Integer),
     Column("progress_max", Integer),
@@ -179,6 +193,7 @@ hook_deliveries = Table(
     Column("event_type", String(64), nullable=False),
     Column("state", EnumString(DeliveryState, 16), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
+    # Every time here is on our clock; next_attempt_at is a decision on it, like deadlines.
     _at("next_attempt_at"),
     Column("last_status_code", Integer),
     Column("last_error", Text),

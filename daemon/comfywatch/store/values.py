@@ -42,6 +42,8 @@ class Change:
     started_at_s: float | None = None
     #: Hooks owed for this change (only for terminal states), created in the same transaction.
     deliveries: Sequence[str] = ()
+    #: Why a terminal state was reached, when the reason alone does not say (``jobs.detail``).
+    detail: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,9 @@ class JobRow:
     error_exception_type: str | None
     error_exception_message: str | None
     error_traceback: str | None
+    #: Why the state was reached when the reason alone does not say it, e.g. "server
+    #: unreachable since ...: ..." on a timeout.
+    detail: str | None
     #: The stored history entry; ``None`` too when not asked for (``with_history``): it
     #: holds up to 1 MB.
     history: Mapping[str, Any] | None = None
