@@ -14,7 +14,7 @@ from comfywatch.store import Store
 from .conftest import write_config
 
 #: Heavy imports that ``--version`` and ``--help`` do without.
-HEAVY = {"sqlalchemy", "alembic", "aiohttp", "pydantic", "aiosqlite", "structlog"}
+HEAVY = {"sqlalchemy", "alembic", "aiohttp", "pydantic", "aiosqlite", "structlog", "rich"}
 
 
 def imported(*args: str, packages: bool = True) -> tuple[int, set[str], str]:
@@ -54,9 +54,12 @@ def imported(*args: str, packages: bool = True) -> tuple[int, set[str], str]:
                 "hooks",
                 "prune",
                 "fake-server",
+                "submit",
+                "wait",
             )
         ),
         ["hooks", "retry", "--help"],
+        ["hooks", "test", "--help"],
     ],
 )
 def test_version_and_help_import_no_heavy_library(args: list[str]) -> None:

@@ -21,7 +21,7 @@ from comfywatch.cli.output import (
     table,
 )
 from comfywatch.states import JobState
-from comfywatch.store import JobFilter
+from comfywatch.store import JobFilter, JobRow
 from comfywatch.store.readonly import read
 from comfywatch.store.reads import select_jobs
 from comfywatch.views import iso, job_json
@@ -60,6 +60,7 @@ def list_jobs(args: argparse.Namespace) -> int:
             r.job.server,
             r.job.prompt_id,
             r.job.state.value,
+            progress_text(r.job),
             r.job.reason.value if r.job.reason is not None else "",
             iso(r.job.registered_at) or "",
             iso(r.job.finished_at) or "",
@@ -69,10 +70,27 @@ def list_jobs(args: argparse.Namespace) -> int:
         for r in records
     ]
     table(
-        ["SERVER", "PROMPT_ID", "STATE", "REASON", "REGISTERED", "FINISHED", "OUTPUTS", "LABELS"],
+        [
+            "SERVER",
+            "PROMPT_ID",
+            "STATE",
+            "PROGRESS",
+            "REASON",
+            "REGISTERED",
+            "FINISHED",
+            "OUTPUTS",
+            "LABELS",
+        ],
         rows,
     )
     return EX_OK
+
+
+def progress_text(job: JobRow) -> str:
+    """``3/20`` (the last progress recorded), or empty."""
+    if job.progress_value is None or job.progress_max is None:
+        return ""
+    return f"{job.progress_value}/{job.progress_max}"
 
 
 def show_job(args: argparse.Namespace) -> int:
@@ -95,6 +113,10 @@ def show_job(args: argparse.Namespace) -> int:
     for key in _SHOWN_FIELDS:
         say(f"{key + ':':15}{'' if data[key] is None else data[key]}")
     say(f"{'labels:':15}{labels_text(data['labels']) or ''}")
+    if data["progress"]:
+        progress = data["progress"]
+        node = f" node {progress['node']}" if progress["node"] is not None else ""
+        say(f"{'progress:':15}{progress['value']}/{progress['max']}{node} at {progress['at']}")
     if data["error"]:
         error = data["error"]
         say(f"error:         node {error['node_id']} ({error['node_type']})")

@@ -60,6 +60,20 @@ def select_job(conn: Connection, job_id: int) -> JobRecord | None:
     return next(iter(_records(conn, jobs, with_deliveries=False)), None)
 
 
+def select_job_rows(
+    conn: Connection, prompt_ids: Sequence[str], *, server: str | None = None
+) -> list[JobRow]:
+    """The jobs of ``prompt_ids`` (on ``server``, or on any), without their outputs."""
+    c = _JOBS.c
+    rows: list[JobRow] = []
+    for chunk in chunks(list(dict.fromkeys(prompt_ids))):
+        query = select(*(c[name] for name in _JOB_FIELDS)).where(c.prompt_id.in_(chunk))
+        if server is not None:
+            query = query.where(c.server == server)
+        rows.extend(_job_row(_JOB_FIELDS, row) for row in conn.execute(query))
+    return rows
+
+
 def select_deliveries(
     conn: Connection, *, states: Sequence[DeliveryState] = (), limit: int | None = None
 ) -> list[DeliveryRecord]:
