@@ -117,13 +117,14 @@ class DaemonProcess:
 
     async def wait_event(
         self,
-        name: str,
+        name: str | None,
         where: Callable[[Event], bool] = lambda _: True,
         *,
         start: int = 0,
         timeout_s: float = WAIT_S,
     ) -> int:
-        """Wait for an event named ``name`` (at index >= ``start``); return its index.
+        """Wait for an event named ``name`` (at index >= ``start``; ``None``: a line that is
+        not JSON, as ``raw``); return its index.
 
         Fails at once if the process exits without printing it.
         """

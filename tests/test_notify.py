@@ -30,7 +30,10 @@ from .conftest import jobs_toml, write_config
 from .daemon_proc import DaemonProcess as LoggingDaemon
 
 WAIT_S = 20.0  # upper bound on waiting for something that must happen
-STATUS_RE = re.compile(r"servers up (\d+)/(\d+), jobs tracked (\d+), deliveries pending (\d+)")
+STATUS_RE = re.compile(
+    r"servers up (\d+)/(\d+), jobs tracked (\d+), deliveries pending (\d+)"
+    r"(?:; last reload failed, previous configuration kept: (?P<reload_error>.+))?"
+)
 
 Message = dict[str, str]
 StartDaemon = Callable[..., Awaitable["DaemonProcess"]]
@@ -175,8 +178,15 @@ def ready(message: Message) -> bool:
 def status(message: Message) -> tuple[int, int, int, int]:
     match = STATUS_RE.fullmatch(message["STATUS"])
     assert match, message
-    up, total, jobs, pending = (int(g) for g in match.groups())
+    up, total, jobs, pending = (int(g) for g in match.groups()[:4])
     return up, total, jobs, pending
+
+
+def reload_error(message: Message) -> str | None:
+    """What ``STATUS=`` says of a failed reload (``None``: the last one succeeded)."""
+    match = STATUS_RE.fullmatch(message["STATUS"])
+    assert match, message
+    return match["reload_error"]
 
 
 async def schema_is_current(db: Path) -> bool:
@@ -272,20 +282,33 @@ async def test_sighup_and_file_changes_reload_between_reloading_and_ready(
     assert ready(after)
     assert status(after)[1] == 2  # the new server is counted by the time READY=1 is sent
 
-    # A broken edit: reload fails, READY=1 still follows, the old config keeps running.
+    assert reload_error(after) is None
+
+    # A broken edit: reload fails, READY=1 still follows, the old config keeps running, and
+    # STATUS= says so (naming the key) on every message until a reload succeeds.
+    good = config.read_text()
     tmp = tmp_path / ".comfywatch.toml.tmp"
-    tmp.write_text(config.read_text() + "\n[[jobs]]\nserver = 'nowhere'\n")
+    tmp.write_text(good + "\n[[jobs]]\nserver = 'nowhere'\n")
     tmp.rename(config)
     await notify_socket.until(lambda m: m.get("RELOADING") == "1")
     after = await notify_socket.next()
     assert ready(after) and status(after)[1] == 2
-    await notify_socket.until(lambda m: m.get("WATCHDOG") == "1")  # still ticking
+    assert "jobs[1].prompt_id: required key is missing" in (reload_error(after) or "")
+    ticked = await notify_socket.until(lambda m: m.get("WATCHDOG") == "1")  # still ticking
+    assert reload_error(ticked[-1]) == reload_error(after)
     assert daemon.running
+
+    # Fixed: the next reload clears it.
+    tmp.write_text(good)
+    tmp.rename(config)
+    await notify_socket.until(lambda m: m.get("RELOADING") == "1")
+    after = await notify_socket.next()
+    assert ready(after) and reload_error(after) is None
 
     daemon.signal(signal.SIGTERM)
     assert await daemon.wait() == 0
     events = [line for line in daemon.stdout.decode().splitlines() if '"config_reloaded"' in line]
-    assert len(events) == 2 and '"SIGHUP"' in events[0] and '"files changed"' in events[1]
+    assert len(events) == 3 and '"SIGHUP"' in events[0] and '"files changed"' in events[1]
     assert b'"reload_failed"' in daemon.stdout and b"jobs[1].prompt_id" in daemon.stdout
 
 

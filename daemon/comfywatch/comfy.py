@@ -105,6 +105,11 @@ class ComfyClient:
     def name(self) -> str:
         return self.settings.name
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (a closed client makes no more requests)."""
+        return self._closed
+
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._closed:
             raise ServerUnavailable(self.name, "client closed")

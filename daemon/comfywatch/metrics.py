@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -42,6 +43,12 @@ _HELP: Mapping[str, str] = {
         "Files listed in jobs_dir and not yet read, as of the last pass."
     ),
     "comfywatch_last_tick_timestamp_seconds": "Unix time of the last completed polling pass.",
+    "comfywatch_config_last_reload_successful": (
+        "1 if the last configuration load (start-up or reload) succeeded, 0 if it failed."
+    ),
+    "comfywatch_config_last_reload_success_timestamp_seconds": (
+        "Unix time of the last successful configuration load (start-up or reload)."
+    ),
 }
 
 
@@ -71,6 +78,8 @@ class Metrics:
             self.spool_files.labels(result)
         self.spool_waiting = self._gauge("comfywatch_spool_files_waiting")
         self.last_tick = self._gauge("comfywatch_last_tick_timestamp_seconds")
+        self.reload_ok = self._gauge("comfywatch_config_last_reload_successful")
+        self.reload_ok_at = self._gauge("comfywatch_config_last_reload_success_timestamp_seconds")
 
     def _counter(self, name: str, *labels: str) -> Counter:
         return Counter(name, _HELP[name], labels, registry=self.registry)
@@ -89,6 +98,17 @@ class Metrics:
 
     def server_up(self, server: str, up: bool) -> None:
         self.server_reachable.labels(server).set(1 if up else 0)
+
+    def server_removed(self, server: str) -> None:
+        """A reload removed the server: it is no longer up or down."""
+        with contextlib.suppress(KeyError):
+            self.server_reachable.remove(server)
+
+    def config_loaded(self, ok: bool, now_s: float) -> None:
+        """A configuration load (start-up or reload) succeeded or failed at ``now_s``."""
+        self.reload_ok.set(1 if ok else 0)
+        if ok:
+            self.reload_ok_at.set(now_s)
 
     def job_finished(self, server: str, state: JobState, lag_s: float | None) -> None:
         self.jobs_finished.labels(server, state.value).inc()

@@ -102,6 +102,8 @@ class Poller:
         self._recheck: defaultdict[str, set[str]] = defaultdict(set)
         self._warned_unknown: set[str] = set()
         self._inflight: dict[str, asyncio.Task[_Polled | None]] = {}
+        #: Replaced clients, closing once the polls that use them end.
+        self._retiring: set[asyncio.Task[None]] = set()
         self._late: set[str] = set()
         self._servers: Mapping[str, ServerSettings] = {}
         self._hook_states: Mapping[str, Collection[JobState]] = {}
@@ -121,13 +123,18 @@ class Poller:
         hooks: Mapping[str, HookSettings],
         not_found_after_s: float,
         poll_interval_s: float,
-    ) -> list[ComfyClient]:
-        """Adopt new settings; returns the clients to close (server removed or changed)."""
-        stale: list[ComfyClient] = []
+    ) -> None:
+        """Adopt new settings. A server removed or changed gets a new client (and is
+        looked at afresh); its old client closes once a poll still using it ends."""
         for name, client in list(self._clients.items()):
-            if servers.get(name) != client.settings:
-                stale.append(self._clients.pop(name))
+            settings = servers.get(name)
+            if settings != client.settings:
+                self._retire(self._clients.pop(name))
                 self._watches.pop(name, None)  # a new server: look at everything again
+                if settings is None:
+                    self._health.forget(name)
+                else:
+                    self._health.reconfigured(name)  # its new settings are tried at once
         for name, settings in servers.items():
             if name not in self._clients:
                 self._clients[name] = ComfyClient(settings)
@@ -140,7 +147,14 @@ class Poller:
             watch.queue_refresh_s = servers[name].queue_refresh_s
         for open_job in self._open:
             self._schedule(open_job, after_decision=False)
-        return stale
+
+    def _retire(self, client: ComfyClient) -> None:
+        """Close ``client`` once the poll of its server in flight (if any) has ended: a
+        reload never breaks a request under way."""
+        poll = self._inflight.get(client.name)
+        task = asyncio.create_task(_close_after(client, poll), name=f"close-{client.name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def clients(self) -> Mapping[str, ComfyClient]:
         return dict(self._clients)
@@ -246,6 +260,8 @@ class Poller:
         if inflight:
             await asyncio.wait(inflight)
         await self._recorder.wait()
+        if self._retiring:
+            await asyncio.wait(set(self._retiring))
         for client in self._clients.values():
             await client.close()
 
@@ -278,7 +294,8 @@ class Poller:
         except StoreError:
             # Memory stays as it was; what the polls consumed is looked at again.
             for server in {job.server for job, _ in decisions}:
-                self._watches[server].resync()
+                if (watch := self._watches.get(server)) is not None:  # a reload may drop it
+                    watch.resync()
             raise
         self._remember(decisions, recorded.applied)
         return TickReport(
@@ -443,6 +460,12 @@ class Poller:
         if confirm:
             watch.want_queue("confirm absence")  # gone only once seen absent twice
         return decisions
+
+
+async def _close_after(client: ComfyClient, poll: asyncio.Task[_Polled | None] | None) -> None:
+    if poll is not None:
+        await asyncio.wait({poll})
+    await client.close()
 
 
 def _unreachable(health: ServerHealth) -> str:

@@ -71,6 +71,17 @@ class ServerHealthBook:
         """Whether the server may be polled now (it is not being backed off)."""
         return self._health[server].next_poll_mono_s <= now_mono_s
 
+    def reconfigured(self, server: str) -> None:
+        """A reload changed the server's settings (its URL, its credentials, ...): poll it
+        at the next tick rather than after the backoff its old settings earned."""
+        self._health[server].next_poll_mono_s = 0.0
+
+    def forget(self, server: str) -> None:
+        """A reload removed the server: no health of its own any more."""
+        self._health.pop(server, None)
+        if self._metrics is not None:
+            self._metrics.server_removed(server)
+
     def succeeded(
         self, server: str, queue: QueueSnapshot | None, now_s: float, now_mono_s: float
     ) -> None:

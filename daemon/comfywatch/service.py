@@ -16,6 +16,7 @@ import contextlib
 import gc
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -24,6 +25,7 @@ from comfywatch.advice import config_advice
 from comfywatch.clock import SYSTEM_CLOCK, Clock
 from comfywatch.comfy import SocketEvent
 from comfywatch.config import Settings, config_fingerprint, load_settings
+from comfywatch.config.schema import ListenAddress
 from comfywatch.errors import ConfigError, LockLost, StoreError
 from comfywatch.history import Progress
 from comfywatch.hooks import HookDispatcher
@@ -33,9 +35,11 @@ from comfywatch.notify import SystemdNotifier
 from comfywatch.poller import Poller
 from comfywatch.progress import ProgressBook
 from comfywatch.progress_writer import ProgressWriter
+from comfywatch.reload import changes, restart_only
 from comfywatch.spool import Spool
 from comfywatch.store import ActiveJob, NewJob, Store
 from comfywatch.watchers import QueueWatchers
+from comfywatch.web import HttpListener, HttpMove
 
 log = structlog.get_logger("comfywatch.service")
 
@@ -54,6 +58,10 @@ STORE_RETRY_S = 1.0
 #: The longest a pass spends registering spool files before it ticks (the rest waits for
 #: the next pass): a flood of files delays ticks by this much at most.
 SPOOL_BUDGET_S = 1.0
+#: The longest reload error ``STATUS=`` repeats (the log has all of it).
+STATUS_ERROR_CHARS = 300
+#: The keys whose change sets logging up again.
+LOG_KEYS = frozenset({"daemon.log_level", "daemon.log_format"})
 
 
 def new_jobs(settings: Settings) -> list[NewJob]:
@@ -87,6 +95,8 @@ class DaemonStatus:
     servers_total: int = 0
     last_tick_monotonic: float | None = None
     ready: bool = False
+    #: Why the last reload failed (``None``: it succeeded, or none was tried).
+    reload_error: str | None = None
 
 
 class Daemon:
@@ -100,15 +110,21 @@ class Daemon:
         metrics: Metrics | None = None,
         notifier: SystemdNotifier | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        log_setup: Callable[[Settings], None] | None = None,
     ) -> None:
         """``clock``: the wall clock for what is stored and decided on stored times, the
-        monotonic one for what is scheduled (the loop's own sleeps use the event loop's)."""
+        monotonic one for what is scheduled (the loop's own sleeps use the event loop's).
+        ``log_setup`` sets logging up for reloaded settings (level and format)."""
         self.settings = settings
         self.store = store
         self.metrics = metrics or Metrics()
         self.notifier = notifier or SystemdNotifier.from_env()
         self._clock = clock
+        self._log_setup = log_setup
         self.status = DaemonStatus(servers_total=len(settings.servers))
+        self.metrics.config_loaded(True, clock.wall())
+        #: The endpoints of ``[daemon] http`` (started by :func:`run_daemon`).
+        self.http = HttpListener(self)
         self.stop_event = asyncio.Event()
         self._reload_event = asyncio.Event()
         self._wake = asyncio.Event()
@@ -207,7 +223,10 @@ class Daemon:
             )
 
     async def reload(self, *, why: str) -> bool:
-        """Load the configuration again; on any error keep the running one."""
+        """Load the configuration again and apply all of it, or none of it: on any error
+        (a broken file, another database, an HTTP address that cannot be bound, jobs the
+        database refuses) the running configuration stays whole, and the failure shows in
+        the log, the metrics, ``/readyz`` and ``STATUS=`` until a reload succeeds."""
         self.notifier.notify(reloading=True)
         try:
             return await self._reload(why)
@@ -216,31 +235,42 @@ class Daemon:
             self.notifier.notify(ready=True, status=self._status_line())
 
     async def _reload(self, why: str) -> bool:
+        old = self.settings
+        changed: list[str] | None = None
         try:
-            settings = load_settings(self.settings.path)
-            added = await self.store.register(new_jobs(settings), self._clock.wall())
+            settings = load_settings(old.path)
+            changed = changes(old, settings)
+            for key, reason in restart_only(changed).items():  # the first refuses it
+                raise ConfigError(reason, file=str(settings.path), key=key)
+            # What can fail goes first, and is undone if a later step fails.
+            move = await self._prepare_http(settings, changed)
+            try:
+                added = await self.store.register(new_jobs(settings), self._clock.wall())
+            except BaseException:
+                await move.rollback()
+                raise
         except ConfigError as exc:
-            log.error("reload_failed", why=why, error=str(exc), kept="previous configuration")
             # A broken file: do not try again until the files change again.
-            self._fingerprint = config_fingerprint(self.settings)
-            return False
+            self._fingerprint = config_fingerprint(old)
+            return self._reload_failed(why, exc, changed)
         except StoreError as exc:
             # The files are fine but the jobs could not be registered: the fingerprint
             # stays, so the next loop tries again.
-            log.error("reload_failed", why=why, error=str(exc), kept="previous configuration")
-            return False
+            return self._reload_failed(why, exc, changed)
+        await move.commit()
         self._fingerprint = settings.fingerprint
         await self._watchers.stop()
-        stale = self.poller.apply(
+        d = settings.daemon
+        self.poller.apply(
             servers=settings.servers,
             hooks=settings.hooks,
-            not_found_after_s=settings.daemon.not_found_after_s,
-            poll_interval_s=settings.daemon.poll_interval_s,
+            not_found_after_s=d.not_found_after_s,
+            poll_interval_s=d.poll_interval_s,
         )
-        for client in stale:
-            await client.close()
         self.dispatcher.configure(
-            hooks=settings.hooks, look_every_s=settings.daemon.poll_interval_s
+            hooks=settings.hooks,
+            concurrency=d.hook_concurrency,
+            look_every_s=d.poll_interval_s,
         )
         self.spool.configure(settings)
         self.settings = settings
@@ -248,8 +278,38 @@ class Daemon:
         if self.status.ready:
             self._watchers.start(self.poller.clients())
         self.status.servers_total = len(settings.servers)
-        log.info("config_reloaded", why=why, jobs_configured=len(settings.jobs), jobs_added=new)
+        self.status.servers_up = sum(1 for h in self.poller.health().values() if h.up is not False)
+        self.status.reload_error = None
+        self.metrics.config_loaded(True, self._clock.wall())
+        log.info(
+            "config_reloaded",
+            why=why,
+            changed=changed,
+            jobs_configured=len(settings.jobs),
+            jobs_added=new,
+        )
+        # After the line above, which is written as before (even if it no longer would be).
+        if self._log_setup is not None and not LOG_KEYS.isdisjoint(changed):
+            self._log_setup(settings)
         return True
+
+    async def _prepare_http(self, settings: Settings, changed: list[str]) -> HttpMove:
+        """Listen on the new ``[daemon] http`` address, if it changed, beside the old one."""
+        address = settings.daemon.http if "daemon.http" in changed else self.http.address
+        try:
+            return await self.http.prepare(address)
+        except OSError as exc:
+            assert address is not None  # stopping cannot fail
+            raise listen_error(settings, address, exc) from None
+
+    def _reload_failed(
+        self, why: str, exc: ConfigError | StoreError, changed: list[str] | None
+    ) -> bool:
+        self.status.reload_error = str(exc)
+        self.metrics.config_loaded(False, self._clock.wall())
+        fields = {} if changed is None else {"not_applied": changed}
+        log.error("reload_failed", why=why, error=str(exc), kept="previous configuration", **fields)
+        return False
 
     def _registered(self, rows: list[ActiveJob]) -> int:
         """Hand jobs the store just registered (or refreshed) to the poller, and poll
@@ -292,13 +352,15 @@ class Daemon:
             next_full_s = time.monotonic()
             while not self.stop_event.is_set():
                 await self._check_background(dispatcher_task)
+                reloaded = False
                 if self._reload_event.is_set():
                     self._reload_event.clear()
-                    await self.reload(why="SIGHUP")
+                    reloaded = await self.reload(why="SIGHUP")
                 elif self._config_changed():
-                    await self.reload(why="files changed")
+                    reloaded = await self.reload(why="files changed")
                 only: set[str] | None = None
-                if time.monotonic() < next_full_s:
+                # New settings (another poll_interval_s, new servers, ...): a full pass now.
+                if not reloaded and time.monotonic() < next_full_s:
                     only = set(self._hinted)  # woken early: poll just the hinted servers
                 else:
                     next_full_s = time.monotonic() + self.settings.daemon.poll_interval_s
@@ -497,14 +559,37 @@ class Daemon:
 
     def _status_line(self) -> str:
         s = self.status
-        return (
+        line = (
             f"servers up {s.servers_up}/{s.servers_total}, jobs tracked {s.active_jobs}, "
             f"deliveries pending {s.pending_deliveries}"
         )
+        if s.reload_error is not None:
+            error = s.reload_error
+            error = (
+                error if len(error) <= STATUS_ERROR_CHARS else error[:STATUS_ERROR_CHARS] + "..."
+            )
+            line += f"; last reload failed, previous configuration kept: {error}"
+        return line
 
 
-async def run_daemon(settings: Settings, *, until_done: bool = False) -> int:
-    """Open the store and run until stopped. Raises StoreError if the database fails."""
+def listen_error(settings: Settings, address: ListenAddress, exc: OSError) -> ConfigError:
+    """The ConfigError of an ``[daemon] http`` address that cannot be bound."""
+    return ConfigError(
+        f"cannot listen on {address.host}:{address.port}: {exc.strerror or exc}",
+        file=str(settings.path),
+        key="daemon.http",
+    )
+
+
+async def run_daemon(
+    settings: Settings,
+    *,
+    until_done: bool = False,
+    log_setup: Callable[[Settings], None] | None = None,
+) -> int:
+    """Open the store and run until stopped. Raises StoreError if the database fails.
+
+    ``log_setup`` sets logging up again when a reload changes its settings."""
     store = Store.open(settings.daemon.database_url)
     daemon: Daemon | None = None
 
@@ -519,26 +604,18 @@ async def run_daemon(settings: Settings, *, until_done: bool = False) -> int:
         # loop for a few hundred ms on a busy machine while a flood of spool files came in.
         gc.collect()
         gc.freeze()
-        daemon = Daemon(settings, store=store)
+        daemon = Daemon(settings, store=store, log_setup=log_setup)
         daemon.install_signal_handlers()
-        server = None
-        if settings.daemon.http_host is not None and settings.daemon.http_port is not None:
-            from comfywatch.web import start_http
-
-            host, port = settings.daemon.http_host, settings.daemon.http_port
-            try:
-                server = await start_http(daemon, host, port)
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot listen on {host}:{port}: {exc.strerror or exc}",
-                    file=str(settings.path),
-                    key="daemon.http",
-                ) from None
         try:
+            address = settings.daemon.http
+            try:
+                await (await daemon.http.prepare(address)).commit()
+            except OSError as exc:
+                assert address is not None
+                raise listen_error(settings, address, exc) from None
             return await daemon.run(until_done=until_done)
         finally:
-            if server is not None:
-                await server.cleanup()
+            await daemon.http.close()
     finally:
         if daemon is not None:
             daemon.notifier.close()  # run() closes it; not reached if the listener failed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 
 from comfywatch.cli.context import configure_logging, settings_of
 from comfywatch.cli.output import EX_OK, EX_SOFTWARE, err, labels_text, table
@@ -19,8 +20,10 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args, settings)
     from comfywatch.service import run_daemon
 
+    # Reloads set logging up again the same way: the command line's flags still win.
+    log_setup = functools.partial(configure_logging, args)
     try:
-        return asyncio.run(run_daemon(settings, until_done=args.until_done))
+        return asyncio.run(run_daemon(settings, until_done=args.until_done, log_setup=log_setup))
     except ComfywatchError:
         raise  # a config or database problem: main() says it, with its exit status
     except Exception:

@@ -162,14 +162,26 @@ class HookDispatcher:
         self._attempts = Attempts(clock=clock)
         self._wake = asyncio.Event()  # new deliveries may be due: claim
         self._nudge = asyncio.Event()  # something to look at: woken, finished, stopped
+        self._lanes: list[Lanes] = []  # those of the runs in progress (reconfigured live)
 
     # -- control ------------------------------------------------------------------------
 
     def configure(
-        self, *, hooks: Mapping[str, HookSettings], look_every_s: float | None = None
+        self,
+        *,
+        hooks: Mapping[str, HookSettings],
+        concurrency: int | None = None,
+        look_every_s: float | None = None,
     ) -> None:
-        """Adopt reloaded hook settings (attempts already running keep the old ones), and
-        a new poll interval."""
+        """Adopt reloaded hook settings and, if given, a new bound of attempts in flight
+        per hook (attempts already running keep the old settings and run to their end;
+        a lower bound only holds back the next ones) and a new poll interval."""
+        if concurrency is not None:
+            if concurrency < 1:
+                raise ValueError("concurrency must be at least 1")
+            self._concurrency = concurrency
+            for lanes in self._lanes:
+                lanes.per_hook = concurrency
         self._hooks = dict(hooks)
         if look_every_s is not None:
             self._look_every_s = look_every_s
@@ -250,7 +262,9 @@ class HookDispatcher:
         self._nudge.clear()
         on_done = self._nudge.set
         recorder = Recorder(self._store, flush_s=FLUSH_S, flush_size=FLUSH_SIZE, on_done=on_done)
-        return _Work(Lanes(self._concurrency, on_done=on_done), recorder)
+        lanes = Lanes(self._concurrency, on_done=on_done)
+        self._lanes.append(lanes)
+        return _Work(lanes, recorder)
 
     async def _claim_if_due(self, work: _Work, now_s: float) -> None:
         """Claim due deliveries if the outbox may hold some that are not held yet. Hooks
@@ -341,3 +355,5 @@ class HookDispatcher:
             await work.lanes.cancel()
             await work.recorder.cancel()
             raise
+        finally:
+            self._lanes.remove(work.lanes)

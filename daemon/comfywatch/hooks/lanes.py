@@ -26,6 +26,8 @@ class Lanes:
     def __init__(self, per_hook: int, *, on_done: Callable[[], None]) -> None:
         if per_hook < 1:
             raise ValueError("per_hook must be at least 1")
+        #: The slots of each hook; a reload may change it at any time (attempts beyond a
+        #: lowered bound run to their end, and no other starts until they have).
         self.per_hook = per_hook
         self._on_done = on_done
         self._waiting: dict[str, deque[DueDelivery]] = {}
