@@ -111,3 +111,5 @@ class HookDelivery(Base):
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     delivered_at: Mapped[datetime | None]
+    claimed_by: Mapped[str | None]
+    claimed_until: Mapped[datetime | None]

@@ -34,7 +34,7 @@ T = TypeVar("T")
 
 #: The migrations this version ships, oldest first (``migrations/versions``; a test checks
 #: them against Alembic's), known here without importing Alembic.
-SCHEMA_REVISIONS: tuple[str, ...] = ("0001", "0002", "0003")
+SCHEMA_REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004")
 SCHEMA_HEAD = SCHEMA_REVISIONS[-1]
 BUSY_TIMEOUT_S = 5.0
 

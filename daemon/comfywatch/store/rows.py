@@ -83,6 +83,8 @@ def delivery_row(delivery: HookDelivery) -> DeliveryRow:
         created_at=delivery.created_at,
         updated_at=delivery.updated_at,
         delivered_at=delivery.delivered_at,
+        claimed_by=delivery.claimed_by,
+        claimed_until=delivery.claimed_until,
     )
 
 

@@ -201,6 +201,35 @@ hook_deliveries = Table(
     _at("created_at", nullable=False),
     _at("updated_at", nullable=False),
     _at("delivered_at"),
+    # With several replicas (PostgreSQL): the replica sending it now, until when (a claim
+    # that expires is taken by another replica). Null when no attempt is under way.
+    Column("claimed_by", String(64)),
+    _at("claimed_until"),
     UniqueConstraint("job_id", "hook"),
     Index("ix_hook_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
+)
+
+#: With ``[daemon] replicas = true`` (PostgreSQL): each live daemon, renewed by heartbeat.
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("version", String(64), nullable=False),
+    _at("started_at", nullable=False),
+    _at("heartbeat_at", nullable=False),
+    _at("expires_at", nullable=False),
+)
+
+#: With several replicas: which replica polls each server, until when. ``epoch`` grows on
+#: every takeover; a replica's writes for a server's jobs hold only while the epoch is its own.
+server_leases = Table(
+    "server_leases",
+    metadata,
+    Column("server", String(255), primary_key=True),
+    Column("owner", String(64)),
+    Column("epoch", BigInteger, nullable=False, default=0),
+    _at("expires_at"),
+    _at("updated_at", nullable=False),
 )

@@ -163,6 +163,9 @@ class DeliveryRow:
     created_at: datetime
     updated_at: datetime
     delivered_at: datetime | None
+    #: With several replicas: the replica sending it now, and until when its claim holds.
+    claimed_by: str | None = None
+    claimed_until: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
