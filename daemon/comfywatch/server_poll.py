@@ -42,6 +42,10 @@ class ServerPoll:
     unreadable: frozenset[str] = frozenset()
     #: The requests made, per kind (``probe``, ``tail``, ``queue``, ``history``, ``page``).
     requests: Mapping[str, int] = field(default_factory=dict)
+    #: The ids of the last history tail read (``None``: none was), and whether it came back
+    #: shorter than asked, so that it holds the whole history.
+    tail: tuple[str, ...] | None = None
+    tail_whole: bool = False
 
 
 @dataclass
@@ -49,6 +53,19 @@ class _Found:
     histories: dict[str, HistoryRecord | None] = field(default_factory=dict)
     unreadable: set[str] = field(default_factory=set)
     requests: dict[str, int] = field(default_factory=dict)
+    tail: tuple[str, ...] | None = None
+    tail_whole: bool = False
+
+    def poll(self, queue: QueueSnapshot | None = None, *, too_large: bool = False) -> ServerPoll:
+        return ServerPoll(
+            queue,
+            too_large,
+            self.histories,
+            frozenset(self.unreadable),
+            self.requests,
+            self.tail,
+            self.tail_whole,
+        )
 
     def count(self, kind: str, n: int = 1) -> None:
         self.requests[kind] = self.requests.get(kind, 0) + n
@@ -78,13 +95,13 @@ async def poll_server(
     if interval and recheck:
         await _fetch_each(client, [p for p in recheck if p not in found.histories], found)
     if not plan.queue:
-        return ServerPoll(None, False, found.histories, frozenset(found.unreadable), found.requests)
+        return found.poll()
     found.count("queue")
     try:
         queue = await client.get_queue()
     except ResponseTooLarge:
         watch.queue_read(None, now_s)
-        return ServerPoll(None, True, found.histories, frozenset(found.unreadable), found.requests)
+        return found.poll(too_large=True)
     watch.queue_read(len(queue.running | queue.pending), now_s)
     in_queue = queue.running | queue.pending
     absent = [pid for pid in prompt_ids if pid not in in_queue and pid not in found.histories]
@@ -93,7 +110,7 @@ async def poll_server(
         await _fetch_each(client, absent, found)
     else:
         await _page_history(client, set(absent), found)
-    return ServerPoll(queue, False, found.histories, frozenset(found.unreadable), found.requests)
+    return found.poll(queue)
 
 
 async def _read_tail(
@@ -111,6 +128,7 @@ async def _read_tail(
         tail = await client.get_history_tail(asked, wanted=prompt_ids)
         found.histories.update(tail.records)
         found.unreadable |= tail.unreadable
+        found.tail, found.tail_whole = tail.ids, len(tail.ids) < asked
         verdict = watch.tail_read(tail.ids, asked, tracked(), drops_asked=drops)
         if verdict.grow_to is None:
             return
