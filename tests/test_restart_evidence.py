@@ -207,21 +207,45 @@ async def test_a_socket_that_stayed_connected_proves_a_deletion(
     assert "disconnected" not in [kind for kind, _ in watched.events]
 
 
-async def test_a_job_last_seen_before_the_socket_connected_was_not_watched(
+async def test_the_first_connection_of_the_socket_is_no_gap(
     tmp_path: Path,
     fake: FakeComfyUI,
     make_daemon: MakeDaemon,
     clock: Clock,
     sockets: Callable[[Daemon], Sockets],
 ) -> None:
-    """A restart before the socket first connected is seen by nothing: a job last seen
-    before then that vanishes is lost, not cancelled."""
+    """Polls watched the server until the socket first connected: a job seen by them and
+    deleted once the socket is up was watched throughout, as with websocket = false."""
     fake.pause()
-    waiting = fake.submit()
-    daemon = await make_daemon(config(tmp_path, fake, [waiting]))
+    deleted = fake.submit()
+    daemon = await make_daemon(config(tmp_path, fake, [deleted]))
     await ticks(daemon, clock, 1)  # no socket yet
-    await fake.restart()
     watched = sockets(daemon)
     await watched.wait_for("connected")
+    fake.delete_from_queue(deleted)
+    await watched.wait_for("count", 0)
     await ticks(daemon, clock, 2)
-    assert await state(daemon, waiting) == ("lost", "left_unobserved")
+    assert await state(daemon, deleted) == ("cancelled", "deleted_from_queue")
+
+
+async def test_a_job_seen_while_the_socket_was_down_after_a_drop_was_not_watched(
+    tmp_path: Path,
+    fake: FakeComfyUI,
+    make_daemon: MakeDaemon,
+    clock: Clock,
+    sockets: Callable[[Daemon], Sockets],
+) -> None:
+    """Once the socket has dropped, polls alone do not show that the server stayed up: a
+    job seen while it was down and gone before it reconnected is lost, cause unknown."""
+    fake.pause()
+    deleted, kept = fake.submit(), fake.submit()
+    daemon = await make_daemon(config(tmp_path, fake, [deleted, kept]))
+    watched = sockets(daemon)
+    await watched.wait_for("connected")
+    await fake.go_down()  # drops the socket; it reconnects a second or so later
+    await watched.wait_for("disconnected")
+    await fake.come_up()
+    await ticks(daemon, clock, 1)  # sees both while the socket is down
+    fake.delete_from_queue(deleted)
+    await ticks(daemon, clock, 2)
+    assert await state(daemon, deleted) == ("lost", "left_unobserved")

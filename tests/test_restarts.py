@@ -134,9 +134,16 @@ CASES: list[tuple[str, E, Look, tuple[RestartSign, ...], bool]] = [
         True,
     ),
     (
-        "forgotten, and new prompts finished since",
+        "new prompts finished since: entries never read may have been there all along",
         AFTER_DROP,
         look({"n2": 1}, ["n1"], whole=True),
+        (),
+        False,
+    ),
+    (
+        "after a drop, an empty history and new prompts numbered from 0",
+        AFTER_DROP,
+        look({"n2": 1}, [], whole=True),
         (SOCKET, FORGOTTEN, RESET),
         True,
     ),
@@ -165,6 +172,13 @@ CASES: list[tuple[str, E, Look, tuple[RestartSign, ...], bool]] = [
         "after an outage, a known entry is still in the history: same process",
         AFTER_OUTAGE,
         look({}, ["h"], whole=True),
+        (),
+        False,
+    ),
+    (
+        "after an outage, an entry never read before: no evidence",
+        AFTER_OUTAGE,
+        look({}, ["x"], whole=True),
         (),
         False,
     ),
@@ -240,10 +254,15 @@ def test_after_a_restart_the_new_process_numbering_is_the_measure() -> None:
 
 
 def test_failures_and_socket_events_are_counted() -> None:
+    """The first connection is no gap (the polls watched until then); each drop and
+    each connection after it is."""
     evidence = poll_failed(poll_failed(E()))
     evidence = socket_changed(evidence, up=True)
-    assert evidence.mark == Mark(socket_events=1, outages=2, socket_up=True)
-    assert socket_changed(evidence, up=False).mark.socket_up is False
+    assert evidence.mark == Mark(outages=2, socket_up=True, websocket=True)
+    evidence = socket_changed(evidence, up=False)
+    assert evidence.mark == Mark(socket_events=1, outages=2, websocket=True)
+    evidence = socket_changed(evidence, up=True)
+    assert evidence.mark == Mark(socket_events=2, outages=2, socket_up=True, websocket=True)
 
 
 def test_a_number_a_client_sent_is_no_evidence() -> None:
@@ -256,7 +275,7 @@ def test_a_number_a_client_sent_is_no_evidence() -> None:
 
 
 W = Mark()
-UP = Mark(socket_events=1, socket_up=True)
+UP = Mark(socket_events=1, socket_up=True, websocket=True)
 RESTARTED = Mark(restarts=1)
 
 
@@ -265,7 +284,8 @@ VANISHED: list[tuple[str, Mark | None, Mark | None, Mark, Reason | None]] = [
     ("never seen by this process", None, W, W, Reason.LEFT_UNOBSERVED),
     ("every poll succeeded, nothing seen", W, W, W, None),
     ("a poll failed since", W, W, Mark(outages=1), Reason.LEFT_UNOBSERVED),
-    ("the socket connected since", W, W, UP, Reason.LEFT_UNOBSERVED),
+    ("the socket connected again since", W, W, UP, Reason.LEFT_UNOBSERVED),
+    ("the socket connected the first time", W, W, Mark(socket_up=True, websocket=True), None),
     ("a doubt since", W, W, Mark(doubts=1), Reason.LEFT_UNOBSERVED),
     ("a restart before it was missed", W, RESTARTED, RESTARTED, Reason.SERVER_RESTARTED),
     ("a restart after it was missed", W, W, Mark(restarts=1), Reason.LEFT_UNOBSERVED),
@@ -274,7 +294,7 @@ VANISHED: list[tuple[str, Mark | None, Mark | None, Mark, Reason | None]] = [
         "the socket stayed connected through failed polls and doubts",
         UP,
         UP,
-        Mark(socket_events=1, outages=4, doubts=2, restarts=1, socket_up=True),
+        Mark(socket_events=1, outages=4, doubts=2, restarts=1, socket_up=True, websocket=True),
         None,
     ),
     ("the socket dropped, no restart shown", UP, UP, Mark(socket_events=2), Reason.LEFT_UNOBSERVED),
@@ -283,6 +303,20 @@ VANISHED: list[tuple[str, Mark | None, Mark | None, Mark, Reason | None]] = [
         UP,
         Mark(socket_events=2, restarts=1),
         Mark(socket_events=2, restarts=1),
+        Reason.SERVER_RESTARTED,
+    ),
+    (
+        "seen while the socket was down after a drop: polls alone do not tell",
+        Mark(websocket=True),
+        Mark(websocket=True),
+        Mark(),
+        Reason.LEFT_UNOBSERVED,
+    ),
+    (
+        "seen while the socket was down after a drop, a restart shown",
+        Mark(websocket=True),
+        RESTARTED,
+        RESTARTED,
         Reason.SERVER_RESTARTED,
     ),
     (

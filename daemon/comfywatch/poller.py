@@ -382,7 +382,12 @@ class Poller:
         mark = self._health.of(server).restart.mark
         # A job seen now was watched as far as the poll's start, and is past every restart
         # this poll showed (those came before its reads).
-        sighting = replace(mark, socket_events=before.socket_events, socket_up=before.socket_up)
+        sighting = replace(
+            mark,
+            socket_events=before.socket_events,
+            socket_up=before.socket_up,
+            websocket=before.websocket,
+        )
         jobs = self._open.on(server)
         due = self._due.pop(server, set())
         if polled.queue is not None:

@@ -6,12 +6,13 @@ history entry was deleted, finished and then cleared from the history, or forgot
 restart; which one it was can only be said from what was watched meanwhile:
 
 - A WebSocket that stayed connected proves that the server did not restart: a restart
-  drops every socket. A socket that drops or connects leaves a gap: the server may have
-  restarted while it was not connected.
+  drops every socket. A socket that drops or connects again leaves a gap: the server may
+  have restarted while it was not connected. Until the socket first connects (or with
+  ``websocket = false``), the polls are the only watch.
 - A failed poll leaves a gap too (the server may have restarted while it was down).
-- A restart forgets the queue and the history: a poll that reads the whole history and
-  the queue and finds none of the prompts known before (and a history that held entries
-  before) shows that the server forgot them. After a gap, or with a new prompt numbered
+- A restart forgets the queue and the history: a poll that finds the whole history empty
+  (where it held entries before) and none of the prompts of the last queue read in the
+  queue shows that the server forgot them. After a gap, or with a new prompt numbered
   below the ones seen before, that is a restart. Between two polls that both succeeded it
   may also be someone clearing the queue and the history: a doubt, not a restart.
 - Queue numbers start again at 0 with a new process, but ComfyUI takes a prompt's number
@@ -43,7 +44,8 @@ class RestartSign(StrEnum):
     OUTAGE = "outage"
     #: The WebSocket dropped or connected since the last queue read.
     SOCKET = "socket_dropped"
-    #: Neither the queue nor the whole history holds any prompt known before.
+    #: The whole history is empty (it held entries before), and the queue holds none of
+    #: the prompts of the last queue read.
     FORGOTTEN = "queue_and_history_forgotten"
     #: A new prompt's number shows the numbering started again.
     QUEUE_NUMBER_RESET = "queue_number_reset"
@@ -53,7 +55,8 @@ class RestartSign(StrEnum):
 class Mark:
     """A point in the watch of one server: what happened so far, as counters."""
 
-    #: WebSocket connections and drops.
+    #: WebSocket drops and connections (but the first connection: the polls before it
+    #: watched the server as without a socket).
     socket_events: int = 0
     #: Failed polls.
     outages: int = 0
@@ -63,6 +66,9 @@ class Mark:
     restarts: int = 0
     #: Whether the WebSocket was connected.
     socket_up: bool = False
+    #: The WebSocket has connected once: from then on only the socket staying connected
+    #: shows that the server did not restart (polls alone cannot tell while it is down).
+    websocket: bool = False
 
     def gaps(self) -> tuple[int, int, int, int]:
         """Everything that leaves a restart possible: equal between two marks means that
@@ -83,9 +89,11 @@ def vanished(seen: Mark | None, missed: Mark | None, now: Mark) -> Reason | None
         return None  # the socket stayed connected: the server did not restart
     if (missed or now).restarts != seen.restarts:
         return Reason.SERVER_RESTARTED  # a restart came before it was missed
-    if now.gaps() != seen.gaps():
-        return Reason.LEFT_UNOBSERVED  # a gap, or a restart after it was missed
-    return None
+    if seen.websocket or now.gaps() != seen.gaps():
+        # The socket was not connected throughout; or a gap, or a restart after it was
+        # missed.
+        return Reason.LEFT_UNOBSERVED
+    return None  # websocket = false, and every poll succeeded and showed no restart
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +145,11 @@ def poll_failed(evidence: RestartEvidence) -> RestartEvidence:
 def socket_changed(evidence: RestartEvidence, *, up: bool) -> RestartEvidence:
     """The WebSocket connected (``up``) or dropped."""
     mark = evidence.mark
-    return replace(evidence, mark=replace(mark, socket_events=mark.socket_events + 1, socket_up=up))
+    if up and not mark.websocket:
+        # The first connection: what came before was watched by the polls alone.
+        return replace(evidence, mark=replace(mark, socket_up=True, websocket=True))
+    events = mark.socket_events + 1
+    return replace(evidence, mark=replace(mark, socket_events=events, socket_up=up))
 
 
 def infer_restart(evidence: RestartEvidence, look: Look) -> RestartInference:
@@ -203,13 +215,15 @@ def _signs(
 
 
 def _forgotten(evidence: RestartEvidence, look: Look, queue: QueueSnapshot) -> bool:
-    """True if the whole history was read, the history held entries before, and neither
-    the queue nor the history holds any prompt known before."""
-    if not (look.whole_history and evidence.history):
+    """True if the whole history was read and is empty where it held entries before, and
+    the queue holds none of the prompts of the last queue read.
+
+    Only an empty history counts: entries this daemon never read (finished between two
+    reads) may have been there all along, so unknown entries prove nothing.
+    """
+    if not (look.whole_history and evidence.history) or look.history:
         return False
-    in_queue = queue.running | queue.pending
-    known = evidence.history | evidence.queued
-    return not (known & look.history) and not (evidence.queued & in_queue)
+    return not (evidence.queued & (queue.running | queue.pending))
 
 
 def _number_reused(numbers: Mapping[str, int], before: Mapping[str, int]) -> bool:
