@@ -229,14 +229,11 @@ def _forgotten(evidence: RestartEvidence, look: Look, queue: QueueSnapshot) -> b
 def _number_reused(numbers: Mapping[str, int], before: Mapping[str, int]) -> bool:
     """True if a new prompt carries the number a different prompt had in the last read
     (front-of-queue prompts carry the counter negated)."""
-    if not before:
+    new = [abs(number) for prompt_id, number in numbers.items() if prompt_id not in before]
+    if not (new and before):
         return False
-    holders = {abs(number): prompt_id for prompt_id, number in before.items()}
-    return any(
-        holders.get(abs(number), prompt_id) != prompt_id
-        for prompt_id, number in numbers.items()
-        if prompt_id not in before
-    )
+    held = {abs(number) for number in before.values()}  # by other prompts than the new
+    return any(number in held for number in new)
 
 
 def _numbered_below(
