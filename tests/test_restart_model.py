@@ -340,10 +340,11 @@ class RestartModel(RuleBasedStateMachine):
                 truth.cleared = True
         self._act("clear history")
 
-    @rule()
-    def restart(self) -> None:
+    @rule(reconnect=st.booleans())
+    def restart(self, reconnect: bool) -> None:
+        """``reconnect``: wait for the socket to connect again (about a second)."""
         assert self.fake is not None
-        self.run(self._restart())
+        self.run(self._restart(reconnect=reconnect))
         for truth in self.truth.values():
             if truth.fate in ("pending", "running"):
                 truth.fate = "restarted"
@@ -352,12 +353,14 @@ class RestartModel(RuleBasedStateMachine):
         self.reserved.clear()  # requests still validating died with the process
         self._act("restart")
 
-    async def _restart(self) -> None:
+    async def _restart(self, *, reconnect: bool) -> None:
         assert self.fake is not None
         await self.fake.restart()
         self.fake.hold_running()  # a restart releases a held worker; pause() stays
         if self.websocket and self.socket_up:
             await self._socket_wait(up=False)
+            if reconnect:
+                await self._socket_wait(up=True)
 
     @precondition(lambda self: self.fake is not None and self.fake.is_up)
     @rule()
