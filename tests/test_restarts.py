@@ -1,152 +1,343 @@
-"""Restart inference as a table: (evidence so far, what this poll showed, now) -> (evidence
-after it, why a restart is suspected)."""
+"""Restart evidence as tables: (evidence so far, what a poll showed) -> (signs, restart or
+doubt, evidence after it); and (marks of a job's sighting, first absence, now) -> the
+reason it left unseen."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Collection
 
 import pytest
 
-from comfywatch.history import QueueSnapshot
-from comfywatch.restarts import RestartEvidence, RestartSign, infer_restart
+from comfywatch.history import QueueSnapshot, parse_queue
+from comfywatch.restarts import (
+    Look,
+    Mark,
+    RestartEvidence,
+    RestartSign,
+    infer_restart,
+    poll_failed,
+    socket_changed,
+    vanished,
+)
+from comfywatch.states import Reason
 
 E = RestartEvidence
 OUTAGE = RestartSign.OUTAGE
+SOCKET = RestartSign.SOCKET
+FORGOTTEN = RestartSign.FORGOTTEN
 RESET = RestartSign.QUEUE_NUMBER_RESET
-NOW = 100.0
+M0 = Mark()
+#: Evidence after one queue read of a, b (numbers 5, 7), with h in the history.
+KNOWN = E(
+    mark=M0,
+    queue_mark=M0,
+    queued=frozenset({"a", "b"}),
+    numbers={"a": 5, "b": 7},
+    max_number=7,
+    history=frozenset({"h"}),
+)
+AFTER_OUTAGE = poll_failed(KNOWN)
+AFTER_DROP = socket_changed(KNOWN, up=False)
 
 
-def queue(numbers: dict[str, int]) -> QueueSnapshot:
-    return QueueSnapshot(running=frozenset(), pending=frozenset(numbers), numbers=numbers)
+def queue(numbers: dict[str, int], running: Collection[str] = ()) -> QueueSnapshot:
+    ids = frozenset(numbers)
+    return QueueSnapshot(
+        running=frozenset(running), pending=ids - frozenset(running), numbers=numbers
+    )
 
 
-def ids(*names: str) -> frozenset[str]:
-    return frozenset(names)
+def look(
+    numbers: dict[str, int] | None,
+    history: Collection[str] = (),
+    *,
+    whole: bool = False,
+    tail: bool = True,
+) -> Look:
+    """A poll that read the queue (``numbers``; ``None``: it did not) and a history tail
+    (``tail``) holding ``history``, the whole of it if ``whole``."""
+    return Look(
+        queue=None if numbers is None else queue(numbers),
+        history=frozenset(history),
+        whole_history=whole,
+        tail_read=tail,
+    )
 
 
-# (case, evidence before, queue numbers this poll showed (None: the poll failed), why,
-#  evidence after); every poll happens at NOW.
-CASES: list[tuple[str, E, dict[str, int] | None, tuple[RestartSign, ...], E]] = [
-    ("first poll: nothing to compare", E(), {"a": 0}, (), E(max_number=0, known_ids=ids("a"))),
-    ("first poll, empty queue", E(), {}, (), E()),
+# (case, evidence before, what the poll showed, signs, restart proven)
+CASES: list[tuple[str, E, Look, tuple[RestartSign, ...], bool]] = [
+    ("first look: nothing to compare", E(), look({"a": 0}, whole=True), (), False),
+    ("new prompts count up", KNOWN, look({"a": 5, "b": 7, "new": 8}, ["h"]), (), False),
     (
-        "new prompts count up",
-        E(max_number=7, known_ids=ids("a")),
-        {"a": 5, "new": 8},
+        "a number taken before validation arrives late: no evidence",
+        KNOWN,
+        look({"a": 5, "b": 7, "late": 6}, ["h"], whole=True),
         (),
-        E(max_number=8, known_ids=ids("a", "new")),
+        False,
     ),
     (
-        "a fresh process counts from 0 again",
-        E(max_number=7, known_ids=ids("a", "b")),
-        {"new": 0},
-        (RESET,),
-        E(suspected_at_s=NOW, max_number=0, known_ids=ids("new")),
+        "a late number after the others finished: their entries are there",
+        KNOWN,
+        look({"late": 6}, ["h", "a", "b"], whole=True),
+        (),
+        False,
+    ),
+    (
+        "a late number after the others were deleted: the history is still there",
+        AFTER_OUTAGE,
+        look({"late": 6}, ["h"], whole=True),
+        (),
+        False,
     ),
     (
         "the highest one was deleted: no new prompt, no evidence",
-        E(max_number=7, known_ids=ids("a", "b")),
-        {"a": 5},
+        KNOWN,
+        look({"a": 5}, ["h"]),
         (),
-        E(max_number=7, known_ids=ids("a")),
-    ),
-    (
-        "a known prompt with a small number is no evidence",
-        E(max_number=7, known_ids=ids("a")),
-        {"a": 1},
-        (),
-        E(max_number=7, known_ids=ids("a")),
+        False,
     ),
     (
         "'queue front' prompts get negative numbers",
-        E(max_number=7, known_ids=ids("a")),
-        {"front": -3},
+        KNOWN,
+        look({"a": 5, "b": 7, "front": -9}),
         (),
-        E(max_number=7, known_ids=ids("front")),
+        False,
     ),
     (
-        "a new prompt with the same number as the highest seen",
-        E(max_number=7, known_ids=ids("a")),
-        {"new": 7},
-        (),
-        E(max_number=7, known_ids=ids("new")),
-    ),
-    (
-        "the poll failed: an outage begins, nothing else is learnt",
-        E(suspected_at_s=5, max_number=7, known_ids=ids("a")),
-        None,
-        (),
-        E(outage=True, suspected_at_s=5, max_number=7, known_ids=ids("a")),
-    ),
-    (
-        "still failing",
-        E(outage=True, max_number=7),
-        None,
-        (),
-        E(outage=True, max_number=7),
-    ),
-    (
-        "back after an outage: a restart may have happened",
-        E(outage=True, max_number=7, known_ids=ids("a")),
-        {"a": 5},
-        (OUTAGE,),
-        E(suspected_at_s=NOW, max_number=7, known_ids=ids("a")),
-    ),
-    (
-        "the first poll failed, the next succeeded",
-        E(outage=True),
-        {},
-        (OUTAGE,),
-        E(suspected_at_s=NOW),
-    ),
-    (
-        "back after an outage, numbering reset too",
-        E(outage=True, max_number=7, known_ids=ids("a")),
-        {"new": 2},
-        (OUTAGE, RESET),
-        E(suspected_at_s=NOW, max_number=2, known_ids=ids("new")),
-    ),
-    (
-        "an earlier suspicion is kept while nothing new is seen",
-        E(suspected_at_s=40, max_number=3, known_ids=ids("a")),
-        {"a": 3, "b": 4},
-        (),
-        E(suspected_at_s=40, max_number=4, known_ids=ids("a", "b")),
-    ),
-    (
-        "a second reset, measured against the new process's numbers",
-        E(suspected_at_s=40, max_number=1, known_ids=ids("new")),
-        {"new": 1, "next": 0},
+        "a new prompt numbered as another of the last read: a new process",
+        KNOWN,
+        look({"new": 5}),
         (RESET,),
-        E(suspected_at_s=NOW, max_number=1, known_ids=ids("new", "next")),
+        True,
+    ),
+    (
+        "a front prompt carries the counter negated",
+        KNOWN,
+        look({"a": 5, "new": -7}),
+        (RESET,),
+        True,
+    ),
+    (
+        "back after an outage, queue and history forgotten",
+        AFTER_OUTAGE,
+        look({}, [], whole=True),
+        (OUTAGE, FORGOTTEN),
+        True,
+    ),
+    (
+        "the socket dropped, queue and history forgotten",
+        AFTER_DROP,
+        look({}, [], whole=True),
+        (SOCKET, FORGOTTEN),
+        True,
+    ),
+    (
+        "new prompts finished since: entries never read may have been there all along",
+        AFTER_DROP,
+        look({"n2": 1}, ["n1"], whole=True),
+        (),
+        False,
+    ),
+    (
+        "after a drop, an empty history and new prompts numbered from 0",
+        AFTER_DROP,
+        look({"n2": 1}, [], whole=True),
+        (SOCKET, FORGOTTEN, RESET),
+        True,
+    ),
+    (
+        "forgotten between two polls: cleared by hand, or a restart: a doubt",
+        KNOWN,
+        look({}, [], whole=True),
+        (FORGOTTEN,),
+        False,
+    ),
+    (
+        "forgotten, and a new prompt numbered below the highest: numbering starts again",
+        KNOWN,
+        look({"new": 0}, [], whole=True),
+        (FORGOTTEN, RESET),
+        True,
+    ),
+    (
+        "after an outage, a known prompt still waits: same process",
+        AFTER_OUTAGE,
+        look({"b": 7}, [], whole=True),
+        (),
+        False,
+    ),
+    (
+        "after an outage, a known entry is still in the history: same process",
+        AFTER_OUTAGE,
+        look({}, ["h"], whole=True),
+        (),
+        False,
+    ),
+    (
+        "after an outage, an entry never read before: no evidence",
+        AFTER_OUTAGE,
+        look({}, ["x"], whole=True),
+        (),
+        False,
+    ),
+    (
+        "after an outage, a prompt of the last read finished: same process",
+        AFTER_OUTAGE,
+        look({}, ["a"], whole=True),
+        (),
+        False,
+    ),
+    (
+        "after an outage, only part of the history read: no evidence",
+        AFTER_OUTAGE,
+        look({}, ["x"], whole=False),
+        (),
+        False,
+    ),
+    (
+        "after an outage, no history seen before: nothing was forgotten",
+        poll_failed(E(mark=M0, queue_mark=M0, queued=frozenset({"a"}), numbers={"a": 3})),
+        look({}, [], whole=True),
+        (),
+        False,
+    ),
+    (
+        "after an outage, the queue not read: nothing to compare yet",
+        AFTER_OUTAGE,
+        look(None, [], whole=True),
+        (),
+        False,
     ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("before", "numbers", "why", "after"),
+    ("before", "seen", "why", "restarted"),
     [case[1:] for case in CASES],
     ids=[case[0] for case in CASES],
 )
 def test_restart_inference_table(
-    before: E, numbers: dict[str, int] | None, why: tuple[RestartSign, ...], after: E
+    before: E, seen: Look, why: tuple[RestartSign, ...], restarted: bool
 ) -> None:
-    inference = infer_restart(before, None if numbers is None else queue(numbers), NOW)
+    inference = infer_restart(before, seen)
     assert inference.why == why
-    assert inference.evidence == after
+    assert inference.restarted is restarted
+    mark = inference.evidence.mark
+    assert mark.restarts == before.mark.restarts + (1 if restarted else 0)
+    assert mark.doubts == before.mark.doubts + (1 if why and not restarted else 0)
 
 
-def test_a_restart_is_remembered_until_the_next_one() -> None:
-    """Polls after a suspected restart keep its time: jobs last seen before it that vanish
-    later are still lost to it."""
-    evidence = E(max_number=9, known_ids=ids("a"))
-    evidence = infer_restart(evidence, queue({"b": 0}), 10).evidence
-    for now in (11, 12, 13):
-        inference = infer_restart(evidence, queue({"b": 0, f"c{now}": now}), now)
-        assert inference.why == ()
-        evidence = inference.evidence
-    assert evidence.suspected_at_s == 10
+def test_a_queue_read_becomes_what_the_next_one_is_compared_with() -> None:
+    after = infer_restart(KNOWN, look({"b": 7, "c": 9}, ["h", "a"])).evidence
+    assert after.queued == {"b", "c"}
+    assert after.numbers == {"b": 7, "c": 9}
+    assert after.max_number == 9
+    assert after.history == {"h", "a"}  # the tail's ids replace those known
+    assert after.queue_mark == after.mark
+
+
+def test_entries_found_by_id_add_to_the_history_known() -> None:
+    after = infer_restart(KNOWN, look(None, ["a"], tail=False)).evidence
+    assert after.history == {"h", "a"}
+    assert after.queue_mark == KNOWN.queue_mark  # no queue read: nothing else changes
+
+
+def test_after_a_restart_the_new_process_numbering_is_the_measure() -> None:
+    restart = infer_restart(AFTER_OUTAGE, look({"n": 1}, [], whole=True))
+    assert restart.restarted
+    assert restart.evidence.max_number == 1
+    assert restart.evidence.history == frozenset()
+    later = infer_restart(restart.evidence, look({"n": 1, "m": 2}, []))
+    assert later.why == ()
+
+
+def test_failures_and_socket_events_are_counted() -> None:
+    """The first connection is no gap (the polls watched until then); each drop and
+    each connection after it is."""
+    evidence = poll_failed(poll_failed(E()))
+    evidence = socket_changed(evidence, up=True)
+    assert evidence.mark == Mark(outages=2, socket_up=True, websocket=True)
+    evidence = socket_changed(evidence, up=False)
+    assert evidence.mark == Mark(socket_events=1, outages=2, websocket=True)
+    evidence = socket_changed(evidence, up=True)
+    assert evidence.mark == Mark(socket_events=2, outages=2, socket_up=True, websocket=True)
+
+
+def test_a_number_a_client_sent_is_no_evidence() -> None:
+    """ComfyUI queues a client's ``number`` as a float; only its own (ints) are compared."""
+    pending = [[5.0, "mine", {}, {}, []], [6, "its", {}, {}, []]]
+    body = {"queue_running": [], "queue_pending": pending}
+    assert parse_queue(body).numbers == {"its": 6}
+    after_reset = infer_restart(KNOWN, Look(queue=parse_queue(body)))
+    assert after_reset.why == ()
+
+
+W = Mark()
+UP = Mark(socket_events=1, socket_up=True, websocket=True)
+RESTARTED = Mark(restarts=1)
+
+
+# (case, mark when last seen, mark when first missed, mark now, reason)
+VANISHED: list[tuple[str, Mark | None, Mark | None, Mark, Reason | None]] = [
+    ("never seen by this process", None, W, W, Reason.LEFT_UNOBSERVED),
+    ("every poll succeeded, nothing seen", W, W, W, None),
+    ("a poll failed since", W, W, Mark(outages=1), Reason.LEFT_UNOBSERVED),
+    ("the socket connected again since", W, W, UP, Reason.LEFT_UNOBSERVED),
+    ("the socket connected the first time", W, W, Mark(socket_up=True, websocket=True), None),
+    ("a doubt since", W, W, Mark(doubts=1), Reason.LEFT_UNOBSERVED),
+    ("a restart before it was missed", W, RESTARTED, RESTARTED, Reason.SERVER_RESTARTED),
+    ("a restart after it was missed", W, W, Mark(restarts=1), Reason.LEFT_UNOBSERVED),
+    ("a restart before it was seen", Mark(restarts=1), Mark(restarts=1), Mark(restarts=1), None),
+    (
+        "the socket stayed connected through failed polls and doubts",
+        UP,
+        UP,
+        Mark(socket_events=1, outages=4, doubts=2, restarts=1, socket_up=True, websocket=True),
+        None,
+    ),
+    ("the socket dropped, no restart shown", UP, UP, Mark(socket_events=2), Reason.LEFT_UNOBSERVED),
+    (
+        "the socket dropped, a restart shown",
+        UP,
+        Mark(socket_events=2, restarts=1),
+        Mark(socket_events=2, restarts=1),
+        Reason.SERVER_RESTARTED,
+    ),
+    (
+        "seen while the socket was down after a drop: polls alone do not tell",
+        Mark(websocket=True),
+        Mark(websocket=True),
+        Mark(),
+        Reason.LEFT_UNOBSERVED,
+    ),
+    (
+        "seen while the socket was down after a drop, a restart shown",
+        Mark(websocket=True),
+        RESTARTED,
+        RESTARTED,
+        Reason.SERVER_RESTARTED,
+    ),
+    (
+        "dropped and back: connected now, but not throughout",
+        UP,
+        UP,
+        Mark(socket_events=3, socket_up=True),
+        Reason.LEFT_UNOBSERVED,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("seen", "missed", "now", "reason"),
+    [case[1:] for case in VANISHED],
+    ids=[case[0] for case in VANISHED],
+)
+def test_vanished_table(
+    seen: Mark | None, missed: Mark | None, now: Mark, reason: Reason | None
+) -> None:
+    assert vanished(seen, missed, now) is reason
 
 
 def test_the_pure_core_imports_no_io() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from comfywatch.history import parse_history_entry
+from comfywatch.restarts import Mark
 from comfywatch.states import JobState, Reason
 from comfywatch.tracking import Decision, JobView, OwedHooks, Policy, Seen, decide, owed_hooks
 
@@ -13,6 +14,12 @@ from .helpers import only_entry
 
 S = JobState
 POLICY = Policy(not_found_after_s=60, queue_timeout_s=1000, run_timeout_s=100)
+#: Marks of a server's watch: nothing happened yet; a poll failed since; a restart was
+#: inferred since; the socket connected (and stayed so).
+WATCHED = Mark()
+OUTAGE = Mark(outages=1)
+RESTART = Mark(restarts=1)
+SOCKET = Mark(socket_events=1, socket_up=True)
 SUCCESS = parse_history_entry(*only_entry("success_saveimage_history.json"))
 ERROR = parse_history_entry(*only_entry("runtime_error_history.json"))
 INTERRUPTED = parse_history_entry(*only_entry("interrupted_history.json"))
@@ -86,7 +93,7 @@ CASES: list[tuple[str, JobView, Seen, float, S, Reason | None]] = [
     ("queued, absent once: ask again", JobView(S.QUEUED, 0, 1, None, 4), Seen(), 5, S.QUEUED, None),
     (
         "queued, absent twice: deleted",
-        JobView(S.QUEUED, 0, 1, None, 4, absent_count=1),
+        JobView(S.QUEUED, 0, 1, None, 4, 1, WATCHED, WATCHED),
         Seen(),
         6,
         S.CANCELLED,
@@ -94,16 +101,40 @@ CASES: list[tuple[str, JobView, Seen, float, S, Reason | None]] = [
     ),
     (
         "queued, absent twice after restart",
-        JobView(S.QUEUED, 0, 1, None, 4, absent_count=1),
-        Seen(restart_suspected_at_s=5),
+        JobView(S.QUEUED, 0, 1, None, 4, 1, WATCHED, RESTART),
+        Seen(mark=RESTART),
         6,
         S.LOST,
         Reason.SERVER_RESTARTED,
     ),
     (
         "queued, restart before last seen is old news",
-        JobView(S.QUEUED, 0, 1, None, 4, absent_count=1),
-        Seen(restart_suspected_at_s=3),
+        JobView(S.QUEUED, 0, 1, None, 4, 1, RESTART, RESTART),
+        Seen(mark=RESTART),
+        6,
+        S.CANCELLED,
+        Reason.DELETED_FROM_QUEUE,
+    ),
+    (
+        "queued, a poll failed since it was seen: the cause is unknown",
+        JobView(S.QUEUED, 0, 1, None, 4, 1, WATCHED, OUTAGE),
+        Seen(mark=OUTAGE),
+        6,
+        S.LOST,
+        Reason.LEFT_UNOBSERVED,
+    ),
+    (
+        "queued, a restart after it was first missed is not its cause",
+        JobView(S.QUEUED, 0, 1, None, 4, 1, WATCHED, WATCHED),
+        Seen(mark=RESTART),
+        6,
+        S.LOST,
+        Reason.LEFT_UNOBSERVED,
+    ),
+    (
+        "queued, the socket stayed connected through an outage: deleted",
+        JobView(S.QUEUED, 0, 1, None, 4, 1, SOCKET, SOCKET),
+        Seen(mark=Mark(socket_events=1, outages=3, socket_up=True)),
         6,
         S.CANCELLED,
         Reason.DELETED_FROM_QUEUE,
@@ -111,7 +142,7 @@ CASES: list[tuple[str, JobView, Seen, float, S, Reason | None]] = [
     ("running, absent once: ask again", JobView(S.RUNNING, 0, 1, 2, 4), Seen(), 5, S.RUNNING, None),
     (
         "running, absent twice: history cleared",
-        JobView(S.RUNNING, 0, 1, 2, 4, absent_count=1),
+        JobView(S.RUNNING, 0, 1, 2, 4, 1, WATCHED, WATCHED),
         Seen(),
         6,
         S.LOST,
@@ -119,11 +150,19 @@ CASES: list[tuple[str, JobView, Seen, float, S, Reason | None]] = [
     ),
     (
         "running, absent twice after restart",
-        JobView(S.RUNNING, 0, 1, 2, 4, absent_count=1),
-        Seen(restart_suspected_at_s=5),
+        JobView(S.RUNNING, 0, 1, 2, 4, 1, WATCHED, RESTART),
+        Seen(mark=RESTART),
         6,
         S.LOST,
         Reason.SERVER_RESTARTED,
+    ),
+    (
+        "running, the socket dropped since it was seen: the cause is unknown",
+        JobView(S.RUNNING, 0, 1, 2, 4, 1, SOCKET, SOCKET),
+        Seen(mark=Mark(socket_events=2)),
+        6,
+        S.LOST,
+        Reason.LEFT_UNOBSERVED,
     ),
     (
         "running, gone while daemon was down",
@@ -238,14 +277,6 @@ CASES: list[tuple[str, JobView, Seen, float, S, Reason | None]] = [
         None,
     ),
     (
-        "queued, seen in the same poll that suspected a restart",
-        JobView(S.QUEUED, 0, 1, None, 5, absent_count=1),
-        Seen(restart_suspected_at_s=5),
-        6,
-        S.CANCELLED,
-        Reason.DELETED_FROM_QUEUE,
-    ),
-    (
         "stuck worker: same prompt running forever",
         JobView(S.RUNNING, 0, 1, 2, 50),
         Seen(running=True),
@@ -270,8 +301,27 @@ def test_decision_table(
 
 
 def test_first_sighting_sets_timestamps_and_resets_absence() -> None:
-    d = decide(JobView(S.REGISTERED, 0, absent_count=1), Seen(running=True), 7, POLICY)
-    assert d == Decision(S.RUNNING, None, None, queued_at_s=7, started_at_s=7, last_seen_at_s=7)
+    seen = Seen(running=True, sighting=SOCKET, mark=RESTART)
+    d = decide(JobView(S.REGISTERED, 0, absent_count=1), seen, 7, POLICY)
+    assert d == Decision(
+        S.RUNNING, None, None, queued_at_s=7, started_at_s=7, last_seen_at_s=7, seen_mark=SOCKET
+    )
+
+
+def test_a_job_keeps_the_marks_of_its_sighting_and_of_its_first_absence() -> None:
+    """The poll that last saw it and the first that missed it bound where it left."""
+    d = decide(
+        JobView(S.QUEUED, 0, 1), Seen(pending=True, sighting=SOCKET, mark=RESTART), 2, POLICY
+    )
+    assert (d.seen_mark, d.missed_mark) == (SOCKET, None)
+    dropped = Mark(socket_events=2)
+    view = JobView(S.QUEUED, 0, 1, None, 2, seen_mark=d.seen_mark)
+    first = decide(view, Seen(mark=dropped), 3, POLICY)
+    assert (first.state, first.absent_count, first.missed_mark) == (S.QUEUED, 1, dropped)
+    view = JobView(S.QUEUED, 0, 1, None, 2, 1, first.seen_mark, first.missed_mark)
+    second = decide(view, Seen(mark=Mark(socket_events=2, restarts=1)), 4, POLICY)
+    assert second.missed_mark == dropped  # the restart came after it was missed
+    assert (second.state, second.reason) == (S.LOST, Reason.LEFT_UNOBSERVED)
 
 
 def test_queue_deadline_counts_from_registration_when_never_seen() -> None:

@@ -101,12 +101,12 @@ TABLE: list[tuple[str, bool, list[Step], Tracked, bool, Plan]] = [
         Plan(tail=TAIL_MARGIN, queue=True, queue_reason="resync"),
     ),
     (
-        "socket dropped",
+        "socket dropped: resync (the server may have restarted)",
         True,
         [lambda w: w.socket_disconnected(0.5)],
         WAITING,
         True,
-        Plan(probe=True),
+        Plan(probe=True, tail=TAIL_MARGIN, queue=True, queue_reason="resync"),
     ),
     (
         "socket back after a drop: resync",

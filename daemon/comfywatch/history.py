@@ -93,7 +93,8 @@ class QueueSnapshot:
 
     running: frozenset[str]
     pending: frozenset[str]
-    #: Queue ``number`` per prompt id (restarts at 0 with the server process).
+    #: Queue ``number`` per prompt id, for the numbers the server gave (restarts at 0 with
+    #: the server process); a number a client sent (queued as a float) is left out.
     numbers: Mapping[str, int]
 
 
@@ -206,8 +207,9 @@ def parse_queue(body: JSON) -> QueueSnapshot:
             if not isinstance(item, list) or len(item) < 2 or not isinstance(item[1], str):
                 raise ParseError(f"queue: malformed item in {key}")
             ids.add(item[1])
-            number = _opt_int(item[0])
-            if number is not None:
+            number = item[0]
+            # Only the server's own numbers (ints): a client's "number" is queued as a float.
+            if isinstance(number, int) and not isinstance(number, bool):
                 numbers[item[1]] = number
         lists[key] = ids
     running = frozenset(lists["queue_running"])

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
+from comfywatch.restarts import Mark
 from comfywatch.states import JobState
 from comfywatch.store import ActiveJob
 from comfywatch.tracking import Decision, JobView, Policy
@@ -34,6 +35,9 @@ class OpenJob:
     last_seen_at_s: float | None = None
     #: Consecutive queue reads that showed it in neither queue nor history.
     absent_count: int = 0
+    #: The server's watch marks when it was last seen in the queue, and first missed since.
+    seen_mark: Mark | None = None
+    missed_mark: Mark | None = None
 
     def view(self) -> JobView:
         job = self.job
@@ -44,6 +48,8 @@ class OpenJob:
             started_at_s=_ts(job.started_at),
             last_seen_at_s=self.last_seen_at_s,
             absent_count=self.absent_count,
+            seen_mark=self.seen_mark,
+            missed_mark=self.missed_mark,
         )
 
 
@@ -130,6 +136,8 @@ class OpenJobs:
         )
         open_job.last_seen_at_s = decision.last_seen_at_s
         open_job.absent_count = decision.absent_count
+        open_job.seen_mark = decision.seen_mark
+        open_job.missed_mark = decision.missed_mark
 
     def remove(self, job_id: int) -> None:
         open_job = self._jobs.pop(job_id, None)

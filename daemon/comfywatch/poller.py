@@ -22,7 +22,7 @@ import asyncio
 import functools
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import structlog
@@ -35,6 +35,7 @@ from comfywatch.metrics import Metrics
 from comfywatch.open_jobs import OpenJob, OpenJobs, deadline_of
 from comfywatch.progress import ProgressBook
 from comfywatch.recording import Recorder
+from comfywatch.restarts import Look, Mark
 from comfywatch.server_health import MAX_BACKOFF_S, ServerHealth, ServerHealthBook
 from comfywatch.server_poll import ServerPoll, poll_server
 from comfywatch.states import JobState
@@ -207,8 +208,10 @@ class Poller:
         watch = self._watch(server)
         if kind == "connected":
             watch.socket_connected(self._clock.mono())
+            self._health.socket_changed(server, up=True)
         elif kind == "disconnected":
             watch.socket_disconnected(self._clock.mono())
+            self._health.socket_changed(server, up=False)
         elif remaining is not None:
             watch.socket_count(remaining, self._clock.mono())
         if not self._open.on(server):
@@ -390,6 +393,8 @@ class Poller:
         client = self._clients[server]
         watch = self._watch(server)
         started = self._clock.mono()
+        # What was watched until now: a socket event during the poll may follow its reads.
+        before = self._health.of(server).restart.mark
         try:
             polled = await poll_server(
                 client,
@@ -417,12 +422,14 @@ class Poller:
         finally:
             if self._metrics is not None:
                 self._metrics.poll_latency(server, self._clock.mono() - started)
-        self._health.succeeded(server, polled.queue, now_s, started)
+        self._health.succeeded(server, _look(polled), now_s, started)
         self._report_unreadable(server, polled)
         recheck = self._recheck[server]
         recheck.difference_update(polled.histories)
         recheck.update(polled.unreadable)
-        return _Polled(self._decide_jobs(server, watch, polled, now_s), polled.observed_at_s)
+        return _Polled(
+            self._decide_jobs(server, watch, polled, now_s, before), polled.observed_at_s
+        )
 
     def _report_unreadable(self, server: str, polled: ServerPoll) -> None:
         if polled.queue_too_large:
@@ -436,12 +443,20 @@ class Poller:
             self._metrics.poll(server, "bad_response")
 
     def _decide_jobs(
-        self, server: str, watch: ServerWatch, polled: ServerPoll, now_s: float
+        self, server: str, watch: ServerWatch, polled: ServerPoll, now_s: float, before: Mark
     ) -> Decisions:
         """The decision of each job the poll showed something about, or whose deadline
-        passed."""
+        passed; ``before``: the server's watch mark when the poll began."""
         policy = self._policy(server)
-        suspected_at_s = self._health.of(server).restart.suspected_at_s
+        mark = self._health.of(server).restart.mark
+        # A job seen now was watched as far as the poll's start, and is past every restart
+        # this poll showed (those came before its reads).
+        sighting = replace(
+            mark,
+            socket_events=before.socket_events,
+            socket_up=before.socket_up,
+            websocket=before.websocket,
+        )
         jobs = self._open.on(server)
         due = self._due.pop(server, set())
         if polled.queue is not None:
@@ -453,7 +468,7 @@ class Poller:
         decisions: Decisions = []
         confirm = False
         for open_job in shown:
-            seen = _seen(open_job.job.prompt_id, polled, suspected_at_s)
+            seen = _seen(open_job.job.prompt_id, polled, sighting, mark)
             decision = decide(open_job.view(), seen, now_s, policy)
             decisions.append((open_job.job, decision))
             confirm |= not decision.state.terminal and decision.absent_count == 1
@@ -477,16 +492,29 @@ def _unreachable(health: ServerHealth) -> str:
     return f"server unreachable since {since}: {health.error or health.error_kind}"
 
 
-def _seen(prompt_id: str, polled: ServerPoll, suspected_at_s: float | None) -> Seen:
+def _seen(prompt_id: str, polled: ServerPoll, sighting: Mark, mark: Mark) -> Seen:
     """What a poll showed about one prompt (nothing but the deadlines if it was not shown)."""
     history = polled.histories.get(prompt_id)
     if history is not None:
-        return Seen(history=history, restart_suspected_at_s=suspected_at_s)
+        return Seen(history=history, sighting=sighting, mark=mark)
     queue = polled.queue
     if prompt_id in polled.unreadable or queue is None:
-        return Seen(unreadable=True, restart_suspected_at_s=suspected_at_s)
+        return Seen(unreadable=True, sighting=sighting, mark=mark)
     return Seen(
         running=prompt_id in queue.running,
         pending=prompt_id in queue.pending,
-        restart_suspected_at_s=suspected_at_s,
+        sighting=sighting,
+        mark=mark,
+    )
+
+
+def _look(polled: ServerPoll) -> Look:
+    """What a poll showed, as the restart evidence wants it."""
+    found = frozenset(p for p, record in polled.histories.items() if record is not None)
+    tail = frozenset(polled.tail or ())
+    return Look(
+        queue=polled.queue,
+        history=found | tail,
+        whole_history=polled.tail_whole,
+        tail_read=polled.tail is not None,
     )

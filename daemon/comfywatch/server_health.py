@@ -4,7 +4,8 @@ A failing server is backed off (exponential, jittered, capped; at once to the ca
 refuses our credentials) on the monotonic clock, so a step of the wall clock never delays
 the next poll; an outage is logged once per episode and its end once. Every
 poll's result goes to the ``comfywatch_polls_total`` and ``comfywatch_server_up`` metrics,
-and successful ones to the restart evidence (:mod:`comfywatch.restarts`).
+and to the restart evidence (:mod:`comfywatch.restarts`), with the WebSocket's connections
+and drops.
 """
 
 from __future__ import annotations
@@ -17,9 +18,14 @@ from dataclasses import dataclass, field
 import structlog
 
 from comfywatch.errors import ServerAuthError, ServerError
-from comfywatch.history import QueueSnapshot
 from comfywatch.metrics import Metrics
-from comfywatch.restarts import RestartEvidence, RestartSign, answered, infer_restart
+from comfywatch.restarts import (
+    Look,
+    RestartEvidence,
+    infer_restart,
+    poll_failed,
+    socket_changed,
+)
 
 log = structlog.get_logger("comfywatch.poller")
 
@@ -82,10 +88,13 @@ class ServerHealthBook:
         if self._metrics is not None:
             self._metrics.server_removed(server)
 
-    def succeeded(
-        self, server: str, queue: QueueSnapshot | None, now_s: float, now_mono_s: float
-    ) -> None:
-        """A poll succeeded; ``queue``: the queue it read, if it read one."""
+    def socket_changed(self, server: str, *, up: bool) -> None:
+        """The server's WebSocket connected (``up``) or dropped."""
+        health = self._health[server]
+        health.restart = socket_changed(health.restart, up=up)
+
+    def succeeded(self, server: str, look: Look, now_s: float, now_mono_s: float) -> None:
+        """A poll succeeded; ``look``: what it showed."""
         health = self._health[server]
         if health.up is False:
             since = health.down_since_mono_s
@@ -95,13 +104,15 @@ class ServerHealthBook:
                 down_for_s=round(now_mono_s - (now_mono_s if since is None else since), 3),
                 failures=health.failures,
             )
-        if queue is None:
-            inference = answered(health.restart, now_s)
-        else:
-            inference = infer_restart(health.restart, queue, now_s)
-        for sign in inference.why:
-            if sign is not RestartSign.OUTAGE:  # an outage's end is logged just above
-                log.info("server_restart_detected", server=server, evidence=sign.value)
+        inference = infer_restart(health.restart, look)
+        if inference.why:
+            evidence = ",".join(sign.value for sign in inference.why)
+            if inference.restarted:
+                log.info("server_restart_detected", server=server, evidence=evidence)
+            else:
+                # Cleared by hand, or a restart between two polls: jobs that vanished
+                # meanwhile are lost (left_unobserved), not cancelled.
+                log.info("server_restart_possible", server=server, evidence=evidence)
         health.restart = inference.evidence
         health.up = True
         health.failures = 0
@@ -149,7 +160,7 @@ class ServerHealthBook:
         health.up = False
         health.error_kind = exc.kind
         health.error = exc.message
-        health.restart = infer_restart(health.restart, None, now_s).evidence
+        health.restart = poll_failed(health.restart)
         if self._metrics is not None:
             self._metrics.poll(server, exc.kind)
             self._metrics.server_up(server, False)

@@ -45,6 +45,10 @@ class ServerPoll:
     #: When what this poll shows became observable (monotonic seconds): the arrival of the
     #: socket frame or probe answer that showed the count change, else of the last answer.
     observed_at_s: float = 0.0
+    #: The ids of the last history tail read (``None``: none was), and whether it came back
+    #: shorter than asked, so that it holds the whole history.
+    tail: tuple[str, ...] | None = None
+    tail_whole: bool = False
 
 
 @dataclass
@@ -52,6 +56,8 @@ class _Found:
     histories: dict[str, HistoryRecord | None] = field(default_factory=dict)
     unreadable: set[str] = field(default_factory=set)
     requests: dict[str, int] = field(default_factory=dict)
+    tail: tuple[str, ...] | None = None
+    tail_whole: bool = False
 
     def count(self, kind: str, n: int = 1) -> None:
         self.requests[kind] = self.requests.get(kind, 0) + n
@@ -59,7 +65,8 @@ class _Found:
     def poll(
         self,
         queue: QueueSnapshot | None,
-        too_large: bool,
+        *,
+        too_large: bool = False,
         changed_at_s: float | None,
         mono: Callable[[], float],
     ) -> ServerPoll:
@@ -70,6 +77,8 @@ class _Found:
             frozenset(self.unreadable),
             self.requests,
             observed_at_s=mono() if changed_at_s is None else changed_at_s,
+            tail=self.tail,
+            tail_whole=self.tail_whole,
         )
 
 
@@ -103,13 +112,13 @@ async def poll_server(
     if interval and recheck:
         await _fetch_each(client, [p for p in recheck if p not in found.histories], found)
     if not plan.queue:
-        return found.poll(None, False, changed_at_s, mono)
+        return found.poll(None, changed_at_s=changed_at_s, mono=mono)
     found.count("queue")
     try:
         queue = await client.get_queue()
     except ResponseTooLarge:
         watch.queue_read(None, now_s)
-        return found.poll(None, True, changed_at_s, mono)
+        return found.poll(None, too_large=True, changed_at_s=changed_at_s, mono=mono)
     watch.queue_read(len(queue.running | queue.pending), now_s)
     in_queue = queue.running | queue.pending
     absent = [pid for pid in prompt_ids if pid not in in_queue and pid not in found.histories]
@@ -118,7 +127,7 @@ async def poll_server(
         await _fetch_each(client, absent, found)
     else:
         await _page_history(client, set(absent), found)
-    return found.poll(queue, False, changed_at_s, mono)
+    return found.poll(queue, changed_at_s=changed_at_s, mono=mono)
 
 
 async def _read_tail(
@@ -136,6 +145,7 @@ async def _read_tail(
         tail = await client.get_history_tail(asked, wanted=prompt_ids)
         found.histories.update(tail.records)
         found.unreadable |= tail.unreadable
+        found.tail, found.tail_whole = tail.ids, len(tail.ids) < asked
         verdict = watch.tail_read(tail.ids, asked, tracked(), drops_asked=drops)
         if verdict.grow_to is None:
             return

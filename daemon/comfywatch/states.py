@@ -47,7 +47,7 @@ class Reason(StrEnum):
 
     FINISHED = "finished"  # a history entry was read; the outcome says the rest
     SERVER_RESTARTED = "server_restarted"
-    LEFT_UNOBSERVED = "left_unobserved"  # left the queue while comfywatch was not running
+    LEFT_UNOBSERVED = "left_unobserved"  # left the queue while not watched without a gap
     HISTORY_CLEARED = "history_cleared"
     DELETED_FROM_QUEUE = "deleted_from_queue"
     NEVER_SEEN = "never_seen"

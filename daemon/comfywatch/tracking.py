@@ -8,9 +8,10 @@ only gathers the observation and carries the decision out.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from comfywatch.history import HistoryRecord
+from comfywatch.restarts import Mark, vanished
 from comfywatch.states import JobState, Reason
 
 #: A prompt must be absent from queue and history this many times in a row to be gone.
@@ -29,6 +30,10 @@ class JobView:
     last_seen_at_s: float | None = None
     #: Consecutive successful polls in which the job was in neither queue nor history.
     absent_count: int = 0
+    #: The server's watch mark when the job was last seen in the queue (None: not yet),
+    #: and when it was first missed since.
+    seen_mark: Mark | None = None
+    missed_mark: Mark | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +43,11 @@ class Seen:
     running: bool = False
     pending: bool = False
     history: HistoryRecord | None = None
-    #: Last time the server may have restarted (an outage, or queue numbers reset).
-    restart_suspected_at_s: float | None = None
+    #: The server's watch mark for a job seen in the queue by this poll (what was watched
+    #: until the poll began, and the restarts it showed).
+    sighting: Mark = field(default_factory=Mark)
+    #: The server's watch mark after this poll.
+    mark: Mark = field(default_factory=Mark)
     #: The job left the queue but its history entry could not be read this time: nothing
     #: is known, except that deadlines still pass.
     unreadable: bool = False
@@ -70,6 +78,8 @@ class Decision:
     absent_count: int = 0
     #: Why the state was reached, when the reason alone does not say (``jobs.detail``).
     detail: str | None = None
+    seen_mark: Mark | None = None
+    missed_mark: Mark | None = None
 
 
 def decide(job: JobView, seen: Seen, now_s: float, policy: Policy) -> Decision:
@@ -84,35 +94,41 @@ def decide(job: JobView, seen: Seen, now_s: float, policy: Policy) -> Decision:
             queued_at_s=job.queued_at_s,
             started_at_s=job.started_at_s,
             last_seen_at_s=job.last_seen_at_s,
+            seen_mark=job.seen_mark,
+            missed_mark=job.missed_mark,
         )
     if seen.unreachable is not None:
         return _deadline_only(job, now_s, policy, detail=seen.unreachable)
     if seen.unreadable:
         return _deadline_only(job, now_s, policy)
     if seen.running:
-        return _running(job, now_s, policy)
+        return _running(job, seen.sighting, now_s, policy)
     if seen.pending:
-        return _pending(job, now_s, policy)
+        return _pending(job, seen.sighting, now_s, policy)
     return _absent(job, seen, now_s, policy)
 
 
-def _running(job: JobView, now_s: float, policy: Policy) -> Decision:
+def _running(job: JobView, mark: Mark, now_s: float, policy: Policy) -> Decision:
     """Seen running: it runs on, unless it has run past its deadline."""
     started = job.started_at_s if job.state is JobState.RUNNING else None
     started = started if started is not None else now_s
     queued = job.queued_at_s if job.queued_at_s is not None else now_s
     if policy.run_timeout_s is not None and now_s - started >= policy.run_timeout_s:
-        return Decision(JobState.TIMEOUT, Reason.RUN_TIMEOUT, None, queued, started, now_s)
-    return Decision(JobState.RUNNING, None, None, queued, started, now_s)
+        return Decision(
+            JobState.TIMEOUT, Reason.RUN_TIMEOUT, None, queued, started, now_s, seen_mark=mark
+        )
+    return Decision(JobState.RUNNING, None, None, queued, started, now_s, seen_mark=mark)
 
 
-def _pending(job: JobView, now_s: float, policy: Policy) -> Decision:
+def _pending(job: JobView, mark: Mark, now_s: float, policy: Policy) -> Decision:
     """Seen waiting in the queue: it waits on, unless it has waited past its deadline."""
     queued = job.queued_at_s if job.queued_at_s is not None else now_s
     waiting_since = min(queued, job.registered_at_s)
     if policy.queue_timeout_s is not None and now_s - waiting_since >= policy.queue_timeout_s:
-        return Decision(JobState.TIMEOUT, Reason.QUEUE_TIMEOUT, None, queued, None, now_s)
-    return Decision(JobState.QUEUED, None, None, queued, None, now_s)
+        return Decision(
+            JobState.TIMEOUT, Reason.QUEUE_TIMEOUT, None, queued, None, now_s, seen_mark=mark
+        )
+    return Decision(JobState.QUEUED, None, None, queued, None, now_s, seen_mark=mark)
 
 
 def _absent(job: JobView, seen: Seen, now_s: float, policy: Policy) -> Decision:
@@ -124,6 +140,9 @@ def _absent(job: JobView, seen: Seen, now_s: float, policy: Policy) -> Decision:
         started_at_s=job.started_at_s,
         last_seen_at_s=job.last_seen_at_s,
         absent_count=absent,
+        seen_mark=job.seen_mark,
+        # The first poll that missed it: a restart after that is no cause of its leaving.
+        missed_mark=job.missed_mark if absent > 1 and job.missed_mark else seen.mark,
     )
     if job.state is JobState.REGISTERED:
         past_grace = now_s - job.registered_at_s >= policy.not_found_after_s
@@ -136,26 +155,13 @@ def _absent(job: JobView, seen: Seen, now_s: float, policy: Policy) -> Decision:
         return stay
     if absent < ABSENT_CONFIRMATIONS:
         return stay
-    lost_reason = _lost_unseen(job, seen)
+    lost_reason = vanished(stay.seen_mark, stay.missed_mark, seen.mark)
     if job.state is JobState.RUNNING:
         return _terminal(stay, JobState.LOST, lost_reason or Reason.HISTORY_CLEARED)
     # QUEUED: it left the line without a history entry.
     if lost_reason is not None:
         return _terminal(stay, JobState.LOST, lost_reason)
     return _terminal(stay, JobState.CANCELLED, Reason.DELETED_FROM_QUEUE)
-
-
-def _lost_unseen(job: JobView, seen: Seen) -> Reason | None:
-    """Why a job that left the queue may have left unseen, or ``None`` if we were watching
-    and the server did not restart since."""
-    if job.last_seen_at_s is None:
-        # Known only from the database: it left while this daemon was not watching.
-        return Reason.LEFT_UNOBSERVED
-    if seen.restart_suspected_at_s is not None and (
-        seen.restart_suspected_at_s > job.last_seen_at_s
-    ):
-        return Reason.SERVER_RESTARTED
-    return None
 
 
 def _deadline_only(
@@ -169,6 +175,8 @@ def _deadline_only(
         started_at_s=job.started_at_s,
         last_seen_at_s=job.last_seen_at_s,
         absent_count=job.absent_count,
+        seen_mark=job.seen_mark,
+        missed_mark=job.missed_mark,
     )
     if job.state is JobState.RUNNING:
         started = job.started_at_s if job.started_at_s is not None else job.registered_at_s
@@ -192,6 +200,8 @@ def _terminal(
         last_seen_at_s=stay.last_seen_at_s,
         absent_count=stay.absent_count,
         detail=detail,
+        seen_mark=stay.seen_mark,
+        missed_mark=stay.missed_mark,
     )
 
 

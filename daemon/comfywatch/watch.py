@@ -116,6 +116,7 @@ class ServerWatch:
     def socket_disconnected(self, now_s: float) -> None:
         if self.socket_up:
             self.socket_dropped = True
+            self.resync()  # the server may have restarted: look at everything again
         self.socket_up = False
         self.stalled = False
         self.next_probe_at_s = now_s  # poll at the interval from now on

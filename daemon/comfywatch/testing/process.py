@@ -110,13 +110,16 @@ class FakeProcess:
         outcome: Outcome = "success",
         run_time_s: float | None = None,
         extra_data: Mapping[str, JSON] | None = None,
+        number: float | None = None,
     ) -> str:
         """Queue a prompt as ``POST /prompt`` does and return its id.
 
         ``graph`` defaults to :func:`default_graph`; ``run_time_s`` to the server's.
         A graph without an output node raises :class:`PromptRejected` (and, as in
         ComfyUI, still uses up a ``number``). ``extra_data["comfywatch_fake"]`` is not
-        read here: the keyword arguments script the prompt.
+        read here: the keyword arguments script the prompt. ``number``: one taken
+        earlier with :meth:`take_number` (a prompt that validated slowly), or a client's
+        own (a float, as ComfyUI stores it); by default the next one is used up.
         """
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
@@ -124,7 +127,8 @@ class FakeProcess:
         # A JSON round trip: a private copy, with keys and values as a client would send.
         graph_json = json.loads(json.dumps(graph if graph is not None else default_graph()))
         extra_json = json.loads(json.dumps(extra_data if extra_data is not None else {}))
-        number = self._model.take_number()
+        if number is None:
+            number = self._model.take_number()
         new_id = prompt_id if prompt_id is not None else str(uuid.uuid4())
         prompt = QueuedPrompt(
             number=number,
@@ -137,6 +141,14 @@ class FakeProcess:
         )
         self._model.put(prompt)
         return new_id
+
+    def take_number(self, *, front: bool = False) -> int:
+        """Use up the next ``number`` now, as ``POST /prompt`` does before it validates.
+
+        Queue the prompt later with ``submit(number=...)``: prompts submitted meanwhile
+        get higher numbers and reach the queue first (ComfyUI enqueues after validation).
+        """
+        return self._model.take_number(front=front)
 
     def fill(
         self,
@@ -187,6 +199,26 @@ class FakeProcess:
     def release(self) -> None:
         """Undo :meth:`hold_running`; an overdue prompt ends at once."""
         self._model.release()
+
+    async def finish_running(
+        self, outcome: Outcome = "success", timeout_s: float = 10
+    ) -> str | None:
+        """End the running prompt now with ``outcome``, held or not; returns its id
+        (``None``: nothing runs). A held worker stays held for the next prompt."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
+        running = self._model.running
+        if running is None:
+            return None
+        prompt = running.prompt
+        prompt.outcome = outcome
+        prompt.run_time_s = 0.0
+        held = self._model.held
+        self._model.release()
+        await self.wait_finished(prompt.prompt_id, timeout_s)
+        if held:
+            self._model.hold()
+        return prompt.prompt_id
 
     def interrupt(self, prompt_id: str | None = None) -> None:
         """``POST /interrupt``: the running prompt ends as interrupted at once.
