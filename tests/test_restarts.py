@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Collection
+from dataclasses import replace
 
 import pytest
 
@@ -18,6 +19,7 @@ from comfywatch.restarts import (
     RestartSign,
     infer_restart,
     poll_failed,
+    reconfigured,
     socket_changed,
     vanished,
 )
@@ -263,6 +265,15 @@ def test_failures_and_socket_events_are_counted() -> None:
     assert evidence.mark == Mark(socket_events=1, outages=2, websocket=True)
     evidence = socket_changed(evidence, up=True)
     assert evidence.mark == Mark(socket_events=2, outages=2, socket_up=True, websocket=True)
+
+
+def test_new_settings_are_a_gap_and_forget_what_the_old_ones_read() -> None:
+    """After a reload changed the server (perhaps its URL: another ComfyUI), a job seen
+    before and missed after is not proven deleted, and the old queue proves nothing."""
+    after = reconfigured(KNOWN)
+    assert after.mark == replace(KNOWN.mark, outages=KNOWN.mark.outages + 1)
+    assert after.queued == frozenset() and after.numbers == {} and after.history == frozenset()
+    assert vanished(KNOWN.mark, after.mark, after.mark) is Reason.LEFT_UNOBSERVED
 
 
 def test_a_number_a_client_sent_is_no_evidence() -> None:

@@ -142,6 +142,13 @@ def poll_failed(evidence: RestartEvidence) -> RestartEvidence:
     return replace(evidence, mark=replace(mark, outages=mark.outages + 1))
 
 
+def reconfigured(evidence: RestartEvidence) -> RestartEvidence:
+    """A reload changed the server's settings (another URL may be another server): a gap
+    in the watch, and nothing the old settings read is compared with what the new ones do."""
+    mark = evidence.mark
+    return RestartEvidence(mark=replace(mark, outages=mark.outages + 1))
+
+
 def socket_changed(evidence: RestartEvidence, *, up: bool) -> RestartEvidence:
     """The WebSocket connected (``up``) or dropped."""
     mark = evidence.mark

@@ -24,6 +24,7 @@ from comfywatch.restarts import (
     RestartEvidence,
     infer_restart,
     poll_failed,
+    reconfigured,
     socket_changed,
 )
 
@@ -79,8 +80,11 @@ class ServerHealthBook:
 
     def reconfigured(self, server: str) -> None:
         """A reload changed the server's settings (its URL, its credentials, ...): poll it
-        at the next tick rather than after the backoff its old settings earned."""
-        self._health[server].next_poll_mono_s = 0.0
+        at the next tick rather than after the backoff its old settings earned. What was
+        watched before does not vouch for what comes after: a gap in the restart evidence."""
+        health = self._health[server]
+        health.next_poll_mono_s = 0.0
+        health.restart = reconfigured(health.restart)
 
     def forget(self, server: str) -> None:
         """A reload removed the server: no health of its own any more."""
