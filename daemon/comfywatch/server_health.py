@@ -2,9 +2,10 @@
 
 A failing server is backed off (exponential, jittered, capped; at once to the cap when it
 refuses our credentials) on the monotonic clock, so a step of the wall clock never delays
-the next poll; an outage is logged once per episode and its end once. Every
-poll's result goes to the ``comfywatch_polls_total`` and ``comfywatch_server_up`` metrics,
-and successful ones to the restart evidence (:mod:`comfywatch.restarts`).
+the next poll; an outage is logged once per episode and its end once. Every poll's result
+goes to the ``comfywatch_polls_total``, ``comfywatch_server_up`` and
+``comfywatch_server_last_poll_timestamp_seconds`` metrics, and successful ones to the restart
+evidence (:mod:`comfywatch.restarts`).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class ServerHealthBook:
         health.next_poll_mono_s = 0.0
         if self._metrics is not None:
             self._metrics.poll(server, "ok")
-            self._metrics.server_up(server, True)
+            self._metrics.server_polled(server, True, now_s)
 
     def failed(
         self,
@@ -141,4 +142,4 @@ class ServerHealthBook:
         health.restart = infer_restart(health.restart, None, now_s).evidence
         if self._metrics is not None:
             self._metrics.poll(server, exc.kind)
-            self._metrics.server_up(server, False)
+            self._metrics.server_polled(server, False, now_s)
