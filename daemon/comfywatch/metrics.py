@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -113,10 +114,8 @@ class Metrics:
         if remaining is not None:
             self.server_queue_remaining.labels(server).set(remaining)
             return
-        try:
+        with contextlib.suppress(KeyError):  # never set
             self.server_queue_remaining.remove(server)
-        except KeyError:
-            pass  # never set
 
     def job_finished(self, server: str, state: JobState, lag_s: float | None) -> None:
         self.jobs_finished.labels(server, state.value).inc()

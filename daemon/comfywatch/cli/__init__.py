@@ -3,8 +3,8 @@
 Light on purpose: ``--version`` and ``--help`` import argparse and the state names only.
 Each command group's module is imported when one of its commands runs: ``daemon`` (run,
 check-config, migrate), ``jobs`` (jobs, show), ``hooks``, ``prune``, ``health``
-(healthcheck), ``register`` (a spool file) and ``fake``
-(fake-server). The queries read the database without Alembic
+(healthcheck), ``register`` (a spool file), ``live`` (watch: rich), ``completion`` (shtab)
+and ``fake`` (fake-server). The queries read the database without Alembic
 (:mod:`comfywatch.store.readonly`); only the daemon and ``fake-server`` need aiohttp.
 """
 
@@ -56,6 +56,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from comfywatch.cli import register
 
         return register.register(args)
+    if command == "watch":
+        from comfywatch.cli import live
+
+        return live.watch(args)
+    if command == "completion":
+        from comfywatch.cli import completion
+
+        return completion.completion(args)
     if command == "fake-server":
         from comfywatch.cli import fake
 

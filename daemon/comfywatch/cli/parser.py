@@ -76,9 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--label", action="append", type=_label, default=[], metavar="KEY=VALUE")
     jobs.add_argument("--limit", type=int, default=None)
     jobs.add_argument("--json", action="store_true", help="print a JSON array")
+    jobs.add_argument(
+        "--watch", action="store_true", help="redraw the table every --interval until Ctrl-C"
+    )
+    jobs.add_argument(
+        "--interval",
+        type=_positive_s,
+        default=2.0,
+        metavar="S",
+        help="seconds between redraws with --watch (default 2)",
+    )
 
-    show = sub.add_parser("show", parents=[common], help="show one job in full")
-    show.add_argument("prompt_id")
+    show = sub.add_parser(
+        "show",
+        parents=[common],
+        help="show one job in full",
+        description="Show one job in full: times, source, error, outputs and hook deliveries.",
+        epilog="example: comfywatch show 2ef07158  (a unique prefix of the prompt id is enough)",
+    )
+    show.add_argument(
+        "prompt_id", metavar="PROMPT_ID", help="a prompt id, or a prefix of exactly one"
+    )
     show.add_argument("--server")
     show.add_argument("--json", action="store_true")
 
@@ -98,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--dry-run", action="store_true")
 
     _add_fake_server(sub)
+    _add_watch(sub, common)
+    _add_completion(sub)
     return parser
 
 
@@ -117,6 +137,59 @@ def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     register.add_argument("--wait", action="store_true", help="wait for the daemon's verdict")
     register.add_argument("--timeout", type=float, default=60.0, metavar="S", help="for --wait")
+
+
+def _positive_s(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _add_watch(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``comfywatch watch``: the live terminal view."""
+    watch = sub.add_parser(
+        "watch",
+        parents=[common],
+        help="a live view of the servers and of running and recent jobs",
+        description="A live view of each server and of the running, waiting and recent jobs.",
+        epilog="example: comfywatch watch --interval 0.5 --recent 20",
+    )
+    watch.add_argument(
+        "--interval",
+        type=_positive_s,
+        default=1.0,
+        metavar="S",
+        help="seconds between redraws (default 1)",
+    )
+    watch.add_argument(
+        "--recent",
+        type=_count,
+        default=10,
+        metavar="N",
+        help="finished jobs shown, newest first (default 10)",
+    )
+    watch.add_argument(
+        "--metrics-url",
+        metavar="URL",
+        help='the daemon\'s /metrics (default: from [daemon] http; "" for none)',
+    )
+
+
+def _add_completion(sub: Any) -> None:
+    """``comfywatch completion SHELL``: a completion script generated from this grammar."""
+    completion = sub.add_parser(
+        "completion",
+        help="print a shell completion script (bash, zsh or fish)",
+        description="Print a completion script for SHELL, generated from this command line.",
+        epilog="example: source <(comfywatch completion bash)",
+    )
+    completion.add_argument(
+        "shell", choices=["bash", "zsh", "fish"], help="the shell to complete in"
+    )
 
 
 def _count(text: str) -> int:

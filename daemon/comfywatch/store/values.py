@@ -155,6 +155,18 @@ class JobRecord:
     deliveries: tuple[DeliveryRow, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class LiveJob:
+    """A job as ``comfywatch watch`` shows it: its row and the last ``progress`` event
+    ComfyUI broadcast for it (all ``None`` until one was recorded)."""
+
+    job: JobRow
+    progress_node: str | None
+    progress_value: int | None
+    progress_max: int | None
+    progress_at: datetime | None
+
+
 class DeliveryRecord(NamedTuple):
     """A delivery with the job it is owed for."""
 
