@@ -179,9 +179,9 @@ def show_job(args: argparse.Namespace) -> int:
     if found.candidates:
         err(f"prompt id prefix {wanted!r} is ambiguous; candidates:")
         for candidate in found.candidates[:CANDIDATES_SHOWN]:
-            err(f"  {escaped(candidate)}")
+            print(f"  {escaped(candidate)}", file=sys.stderr)
         if len(found.candidates) > CANDIDATES_SHOWN:
-            err("  ... (give more of the id)")
+            print("  ... (give more of the id)", file=sys.stderr)
         return EX_USAGE
     records = found.jobs
     if not records:
