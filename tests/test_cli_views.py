@@ -78,9 +78,10 @@ async def test_show_takes_a_unique_prefix_and_prints_the_source(
     code, out, err = await comfywatch("show", "2ef0", "--config", config)
     assert (code, out) == (2, "")
     assert "ambiguous" in err
-    assert [
-        line.strip() for line in err.splitlines()[1:] if line.strip()
-    ] == ["2ef07158-aaaa", "2ef0c4d1-bbbb"]
+    assert [line.strip() for line in err.splitlines()[1:] if line.strip()] == [
+        "2ef07158-aaaa",
+        "2ef0c4d1-bbbb",
+    ]
     # A whole id wins over the longer ids it is a prefix of.
     code, out, err = await comfywatch("show", "9a1b", "--json", "--config", config)
     assert code == 0, err
