@@ -22,6 +22,8 @@ from comfywatch.config import load_settings
 from comfywatch.service import Daemon
 from comfywatch.states import JobState, Reason
 from comfywatch.store import Change, NewJob, Store
+from comfywatch.store.readonly import read
+from comfywatch.store.reads import match_prompt_ids, select_jobs_by_prefix
 from comfywatch.testing import FakeComfyUI
 from comfywatch.web import start_http
 
@@ -101,6 +103,22 @@ async def test_show_takes_a_unique_prefix_and_prints_the_source(
     assert code == 0 and "server:        other" in out.splitlines(), err
     code, _, err = await comfywatch("show", "2ef0", "--server", "other", "--config", config)
     assert code == 1 and "'other'" in err
+
+
+async def test_prefix_match_is_by_code_point_beyond_ascii(store: Store, db_path: Path) -> None:
+    ids = ["zé-1", "zé-2", "zf", "z\ud7ff-x", "z\ue000", "z\U0010ffff-y", "z"]
+    await register(store, "local", *ids)
+
+    def matches(prefix: str) -> list[str]:
+        return read(f"sqlite:///{db_path}", lambda conn: match_prompt_ids(conn, prefix))
+
+    assert matches("zé") == ["zé-1", "zé-2"]
+    assert matches("zé-2") == ["zé-2"]
+    assert matches("z\ud7ff") == ["z\ud7ff-x"]  # the next code point is a surrogate
+    assert matches("z\U0010ffff") == ["z\U0010ffff-y"]  # the last code point
+    assert matches("z") == sorted(ids)
+    found = read(f"sqlite:///{db_path}", lambda conn: select_jobs_by_prefix(conn, "zé-"))
+    assert (found.jobs, found.candidates) == ([], ["zé-1", "zé-2"])
 
 
 # -- jobs: times and run time, --watch --------------------------------------------------------
@@ -289,6 +307,8 @@ def test_metrics_url_follows_the_http_listener(tmp_path: Path) -> None:
     assert url(None) is None
     problem = fetch_metrics(None).problem
     assert problem is not None and "[daemon] http" in problem
+    problem = fetch_metrics("file:///etc/passwd").problem
+    assert problem is not None and "not http" in problem
 
 
 # -- completion ----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ SHOWN_RUNNING = 20
 SHOWN_WAITING = 10
 #: How long a metrics request may take: the view waits for it.
 METRICS_TIMEOUT_S = 2.0
+MAX_METRICS_BYTES = 8 * 1024 * 1024
 #: Hosts a listener binds to that a client cannot connect to as such.
 _ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
 _QUIT_KEYS = (b"q", b"Q")
@@ -86,11 +87,11 @@ def watch(args: argparse.Namespace) -> int:
 
     settings = settings_of(args)
     url = metrics_url(args.metrics_url, settings)
-    # The first read fails like the other queries (a missing database: exit 69).
-    jobs = _read_jobs(settings, args.recent)
-    snapshot = Snapshot(datetime.now(UTC), fetch_metrics(url), jobs)
     console = Console()
     try:
+        # The first read fails like the other queries (a missing database: exit 69).
+        jobs = _read_jobs(settings, args.recent)
+        snapshot = Snapshot(datetime.now(UTC), fetch_metrics(url), jobs)
         with (
             _keys() as quit_pressed,
             Live(
@@ -156,17 +157,22 @@ def fetch_metrics(url: str | None) -> MetricsView:
 
     from prometheus_client.parser import text_string_to_metric_families
 
+    if not url.startswith(("http://", "https://")):
+        return MetricsView(problem=f"metrics URL {url!r} is not http:// or https://")
     # No proxy: the endpoint is the daemon's, usually on this host.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(url, timeout=METRICS_TIMEOUT_S) as response:
-            text = response.read(8 * 1024 * 1024).decode("utf-8", "replace")
-        families = list(text_string_to_metric_families(text))
+            text = response.read(MAX_METRICS_BYTES).decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:
         return MetricsView(problem=f"metrics at {url} unreachable: HTTP {exc.code}")
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         return MetricsView(problem=f"metrics at {url} unreachable: {reason}")
+    try:
+        families = list(text_string_to_metric_families(text))
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        return MetricsView(problem=f"metrics at {url} unreadable: {exc}")
     up: dict[str, bool] = {}
     queue: dict[str, int] = {}
     polled: dict[str, float] = {}
