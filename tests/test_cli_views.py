@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -124,32 +125,46 @@ async def test_prefix_match_is_by_code_point_beyond_ascii(store: Store, db_path:
 # -- jobs: times and run time, --watch --------------------------------------------------------
 
 
-async def test_jobs_table_shows_times_and_the_run_time_on_our_clock(
+def stored(at_s: float) -> str:
+    """A time as SQLite keeps a ``jobs`` timestamp (naive UTC text)."""
+    return datetime.fromtimestamp(at_s, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+async def test_jobs_table_shows_times_and_a_run_time_on_one_clock(
     tmp_path: Path, store: Store, db_path: Path
 ) -> None:
-    """The run time is ``finished_at - started_at``, never ComfyUI's millisecond stamps
-    (another clock); a job still running shows the time so far with a ``+``."""
-    done, running, waiting = await register(store, "local", "p-done", "p-running", "p-waiting")
+    """``DURATION`` is ``finished_at - started_at`` when both come from one clock: both
+    seen by comfywatch, or both ComfyUI's stamps (``comfy_*_ms`` set). One of each would
+    subtract two hosts' clocks: no duration. A job still running shows the time so far."""
+    ours, comfy, mixed, running, waiting = await register(
+        store, "local", "p-ours", "p-comfy", "p-mixed", "p-running", "p-waiting"
+    )
     await store.record(
         [
-            Change(done, JobState.RUNNING, queued_at_s=NOW_S + 5, started_at_s=NOW_S + 10),
+            Change(ours, JobState.RUNNING, queued_at_s=NOW_S + 5, started_at_s=NOW_S + 10),
+            Change(mixed, JobState.RUNNING, started_at_s=NOW_S + 10),
             Change(running, JobState.RUNNING, started_at_s=NOW_S + 20),
             Change(waiting, JobState.QUEUED, queued_at_s=NOW_S + 30),
         ],
         NOW_S + 30,
     )
-    await store.record([Change(done, JobState.SUCCESS, Reason.FINISHED)], NOW_S + 85)
-    with sqlite3.connect(db_path) as conn:  # ComfyUI's own stamps: 3 s apart
+    finished = [Change(i, JobState.SUCCESS, Reason.FINISHED) for i in (ours, comfy, mixed)]
+    await store.record(finished, NOW_S + 85)
+    with sqlite3.connect(db_path) as conn:  # what history entries' stamps leave
         conn.execute(
-            "UPDATE jobs SET comfy_started_at_ms = 1000, comfy_finished_at_ms = 4000"
-            " WHERE prompt_id = 'p-done'"
+            "UPDATE jobs SET comfy_started_at_ms = ?, started_at = ?,"
+            " comfy_finished_at_ms = ?, finished_at = ? WHERE prompt_id = 'p-comfy'",
+            ((NOW_S + 40) * 1000, stored(NOW_S + 40), (NOW_S + 43.5) * 1000, stored(NOW_S + 43.5)),
+        )
+        conn.execute(
+            "UPDATE jobs SET comfy_finished_at_ms = ?, finished_at = ? WHERE prompt_id = 'p-mixed'",
+            ((NOW_S + 50) * 1000, stored(NOW_S + 50)),
         )
 
     code, out, err = await comfywatch("jobs", "--config", str(config_for(tmp_path, db_path)))
     assert code == 0, err
     header, *lines = out.splitlines()
-    columns = header.split()
-    assert columns[:10] == [
+    assert header.split() == [
         "SERVER",
         "PROMPT_ID",
         "STATE",
@@ -160,9 +175,10 @@ async def test_jobs_table_shows_times_and_the_run_time_on_our_clock(
         "FINISHED",
         "DURATION",
         "OUTPUTS",
+        "LABELS",
     ]
-    rows = {line.split()[1]: line for line in lines}
-    assert rows["p-done"].split()[2:10] == [
+    rows = {line.split()[1]: line.split()[2:] for line in lines}
+    assert rows["p-ours"] == [
         "success",
         "finished",
         "2023-11-14T22:13:20Z",
@@ -171,14 +187,19 @@ async def test_jobs_table_shows_times_and_the_run_time_on_our_clock(
         "2023-11-14T22:14:45Z",
         "1m15s",
         "0",
+        "batch=b1",
     ]
-    assert re.search(r"\s\d+d\d\dh\+\s", rows["p-running"])  # started in 2023: days ago
-    # Nothing started: no run time (the outputs count follows the queued time).
-    assert rows["p-waiting"].split()[2:6] == [
+    assert rows["p-comfy"][3:6] == ["2023-11-14T22:14:00Z", "2023-11-14T22:14:03Z", "3.5s"]
+    # The start seen here, the finish stamped there: no duration column, OUTPUTS follows.
+    assert rows["p-mixed"][3:7] == ["2023-11-14T22:13:30Z", "2023-11-14T22:14:10Z", "0", "batch=b1"]
+    assert re.fullmatch(r"\d+d\d\dh\+", rows["p-running"][3])  # started in 2023: days ago
+    # Nothing started: no run time.
+    assert rows["p-waiting"] == [
         "queued",
         "2023-11-14T22:13:20Z",
         "2023-11-14T22:13:50Z",
         "0",
+        "batch=b1",
     ]
 
 

@@ -95,7 +95,8 @@ def list_jobs(args: argparse.Namespace) -> int:
 
 
 def jobs_table(records: list[JobRecord], *, now: datetime | None = None) -> None:
-    """The ``jobs`` table: times to the second in UTC, the run time of each job."""
+    """The ``jobs`` table: times to the second in UTC, the run time of each job (see
+    :func:`run_time_text`)."""
     now = now or datetime.now(UTC)
     rows = [
         [
@@ -139,13 +140,21 @@ def clock_text(value: datetime | None) -> str:
 
 
 def run_time_text(job: JobRow, now: datetime) -> str:
-    """``started_at`` to ``finished_at``; for a job still running, the time so far with a
-    ``+``. Only these two columns count, never ComfyUI's millisecond stamps."""
+    """``finished_at - started_at`` when both come from one clock; for a job still running,
+    the time so far with a ``+``; else ``""``.
+
+    Each of the two is ComfyUI's stamp when the history entry had it (``comfy_*_ms`` is
+    then set), else when comfywatch saw the change: a difference across the two hosts'
+    clocks would be no duration, so none is shown.
+    """
     if job.started_at is None:
         return ""
+    started_by_comfy = job.comfy_started_at_ms is not None
     if job.finished_at is not None:
+        if started_by_comfy != (job.comfy_finished_at_ms is not None):
+            return ""
         return duration_text((job.finished_at - job.started_at).total_seconds())
-    if job.state is JobState.RUNNING:
+    if job.state is JobState.RUNNING and not started_by_comfy:
         return duration_text((now - job.started_at).total_seconds()) + "+"
     return ""
 

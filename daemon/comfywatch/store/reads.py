@@ -124,18 +124,19 @@ def select_live(
     """Jobs in ``states`` with their last progress event: oldest registration first, or
     with ``recent`` the latest finished first (for terminal states)."""
     c = _JOBS.c
-    query = select(*(c[name] for name in (*_JOB_FIELDS, *_PROGRESS_FIELDS))).where(
-        c.state.in_(list(states))
-    )
+    # Each column once, should a JobRow field come to hold one of the progress columns.
+    names = (*_JOB_FIELDS, *(n for n in _PROGRESS_FIELDS if n not in _JOB_FIELDS))
+    query = select(*(c[name] for name in names)).where(c.state.in_(list(states)))
     if recent:
         query = query.where(c.finished_at.is_not(None)).order_by(c.finished_at.desc(), c.id.desc())
     else:
         query = query.order_by(c.registered_at, c.id)
-    split = len(_JOB_FIELDS)
-    return [
-        LiveJob(_job_row(_JOB_FIELDS, row[:split]), *row[split:])
-        for row in conn.execute(query.limit(limit))
-    ]
+    live = []
+    for row in conn.execute(query.limit(limit)):
+        values = dict(zip(names, row, strict=True))
+        job = _job_row(_JOB_FIELDS, [values[name] for name in _JOB_FIELDS])
+        live.append(LiveJob(job, *(values[name] for name in _PROGRESS_FIELDS)))
+    return live
 
 
 def count_jobs(conn: Connection, states: Sequence[JobState]) -> dict[tuple[str, JobState], int]:
