@@ -54,11 +54,14 @@ def imported(*args: str, packages: bool = True) -> tuple[int, set[str], str]:
                 "hooks",
                 "prune",
                 "fake-server",
+                "submit",
+                "wait",
                 "watch",
                 "completion",
             )
         ),
         ["hooks", "retry", "--help"],
+        ["hooks", "test", "--help"],
     ],
 )
 def test_version_and_help_import_no_heavy_library(args: list[str]) -> None:

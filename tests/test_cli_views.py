@@ -160,6 +160,9 @@ async def test_jobs_table_shows_times_and_a_run_time_on_one_clock(
             "UPDATE jobs SET comfy_finished_at_ms = ?, finished_at = ? WHERE prompt_id = 'p-mixed'",
             ((NOW_S + 50) * 1000, stored(NOW_S + 50)),
         )
+        conn.execute(
+            "UPDATE jobs SET progress_value = 12, progress_max = 20 WHERE prompt_id = 'p-running'"
+        )
 
     code, out, err = await comfywatch("jobs", "--config", str(config_for(tmp_path, db_path)))
     assert code == 0, err
@@ -168,6 +171,7 @@ async def test_jobs_table_shows_times_and_a_run_time_on_one_clock(
         "SERVER",
         "PROMPT_ID",
         "STATE",
+        "PROGRESS",
         "REASON",
         "REGISTERED",
         "QUEUED",
@@ -192,7 +196,8 @@ async def test_jobs_table_shows_times_and_a_run_time_on_one_clock(
     assert rows["p-comfy"][3:6] == ["2023-11-14T22:14:00Z", "2023-11-14T22:14:03Z", "3.5s"]
     # The start seen here, the finish stamped there: no duration column, OUTPUTS follows.
     assert rows["p-mixed"][3:7] == ["2023-11-14T22:13:30Z", "2023-11-14T22:14:10Z", "0", "batch=b1"]
-    assert re.fullmatch(r"\d+d\d\dh\+", rows["p-running"][3])  # started in 2023: days ago
+    assert rows["p-running"][:2] == ["running", "12/20"]
+    assert re.fullmatch(r"\d+d\d\dh\+", rows["p-running"][4])  # started in 2023: days ago
     # Nothing started: no run time.
     assert rows["p-waiting"] == [
         "queued",
@@ -380,7 +385,8 @@ def test_bash_completion_is_valid_and_completes_commands_options_and_files(
         return [w.strip() for w in done.stdout.splitlines() if w.strip()]
 
     assert set(complete("")) >= set(SUBCOMMANDS)
-    assert complete("wa") == ["watch"]
+    assert complete("wat") == ["watch"]
+    assert complete("wa") == ["wait", "watch"]
     assert complete("jobs", "--wa") == ["--watch"]
     assert complete("jobs", "--state", "ru") == ["running"]
     assert complete("completion", "") == ["bash", "zsh", "fish"]

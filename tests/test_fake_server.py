@@ -455,6 +455,43 @@ async def test_post_prompt_rejections_match_comfyui(
     assert (await post_json(http, url, {"prompt": default_graph()}))[1]["number"] == 5
 
 
+async def test_a_link_to_a_missing_node_is_refused_in_node_errors_like_comfyui(
+    fake: FakeComfyUI, http: aiohttp.ClientSession
+) -> None:
+    """The recorded refusal of a SaveImage linked to node 9, which does not exist (the
+    traceback, of ComfyUI's own code, aside); a graph with one good output keeps it and
+    reports the other in ``node_errors`` with a 200, as ComfyUI does."""
+    case = json.loads((FIXTURES / "post_prompt_refusals.json").read_text())["link_to_missing_node"]
+    status, answer = await post_json(http, f"{fake.url}/prompt", case["request"])
+    expected = case["response"]
+    expected["node_errors"]["2"]["errors"][0]["extra_info"]["traceback"] = []
+    assert (status, answer) == (400, expected)
+
+    graph = {
+        **default_graph(),
+        "3": {"class_type": "ImageInvert", "inputs": {"image": ["8", 0]}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
+    }
+    status, answer = await post_json(http, f"{fake.url}/prompt", {"prompt": graph})
+    assert status == 200
+    assert answer["node_errors"] == {
+        "4": {
+            "errors": [
+                {
+                    "type": "exception_during_validation",
+                    "message": "Exception when validating node",
+                    "details": "'8'",
+                    "extra_info": {"exception_type": "KeyError", "traceback": []},
+                }
+            ],
+            "dependent_outputs": ["4"],
+            "class_type": "PreviewImage",
+        }
+    }
+    entry = await fake.wait_finished(answer["prompt_id"])
+    assert entry["prompt"][4] == ["2"]  # only the good output runs
+
+
 async def test_client_prompt_id_and_extra_data_are_echoed(
     fake: FakeComfyUI, http: aiohttp.ClientSession
 ) -> None:

@@ -194,8 +194,8 @@ async def test_prefix_and_live_reads_on_postgresql(pg_url: str) -> None:
     assert await found("zé") == (["zé-1"], [])
     assert await found("x") == ([], [])
     [running] = await query(lambda conn: select_live(conn, [JobState.RUNNING], limit=5))
-    assert running.job.prompt_id == "ab-1" and running.progress_max is None
+    assert running.prompt_id == "ab-1" and running.progress_max is None
     [done] = await query(lambda c: select_live(c, [JobState.SUCCESS], limit=5, recent=True))
-    assert done.job.prompt_id == "zf" and done.job.source == "/srv/f.toml"
+    assert done.prompt_id == "zf" and done.source == "/srv/f.toml"
     counts = await query(lambda conn: count_jobs(conn, [JobState.RUNNING, JobState.REGISTERED]))
     assert counts == {("local", JobState.RUNNING): 1, ("local", JobState.REGISTERED): 4}

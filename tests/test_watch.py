@@ -29,10 +29,9 @@ def settled(
     watch = ServerWatch(poll_interval_s=1.0, queue_refresh_s=300.0)
     if socket:
         watch.socket_connected(0.0)
+        watch.socket_count(count)  # the greeting
     watch.tail_read(history, TAIL_MARGIN, WAITING, drops_asked=0)
     watch.queue_read(count, 0.0)
-    if socket:
-        watch.socket_count(count)
     return watch
 
 
@@ -253,3 +252,16 @@ def test_a_frame_between_probes_is_no_stall() -> None:
     watch.socket_count(4)
     watch.probed(3, 2 * STALL_PROBE_S)
     assert not watch.stalled
+
+
+def test_a_finish_after_a_resync_with_the_socket_up_reads_the_tail() -> None:
+    """Jobs registered on a server whose socket is up (a prompt already running): the
+    watch starts afresh, reads the queue and the tail, and the next frame (the finish)
+    is a drop. Taken as the first count known, it left the job running for good."""
+    watch = settled(socket=True, count=1)
+    watch.forget_history()
+    watch.tail_read(("h1", "h2"), TAIL_MARGIN, WAITING, drops_asked=0)
+    watch.queue_read(1, 1.0)
+    assert watch.plan(1.0, WAITING, interval=False) == Plan()
+    watch.socket_count(0)
+    assert watch.plan(1.0, WAITING, interval=False) == Plan(tail=1 + TAIL_MARGIN)

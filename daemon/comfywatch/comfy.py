@@ -24,15 +24,21 @@ from comfywatch.config import ServerSettings
 from comfywatch.errors import (
     BadResponse,
     ParseError,
+    PromptRefused,
     ResponseTooLarge,
     ServerAuthError,
     ServerUnavailable,
 )
 from comfywatch.history import (
     HistoryRecord,
+    Progress,
+    PromptQueued,
     QueueSnapshot,
     parse_history_entry,
     parse_history_response,
+    parse_progress,
+    parse_prompt_queued,
+    parse_prompt_refusal,
     parse_queue,
 )
 
@@ -47,6 +53,8 @@ log = structlog.get_logger("comfywatch.comfy")
 
 #: What a WebSocket reports: connected, a ``queue_remaining`` count, disconnected.
 SocketEvent = Literal["connected", "count", "disconnected"]
+#: Where a WebSocket's ``progress`` messages go.
+OnProgress = Callable[[Progress], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,19 +129,25 @@ class ComfyClient:
             await self._session.close()
             self._session = None
 
-    async def watch(self, on_event: Callable[[SocketEvent, int | None], None]) -> None:
-        """Report each connection, every ``status`` count and each disconnection.
+    async def watch(
+        self,
+        on_event: Callable[[SocketEvent, int | None], None],
+        on_progress: OnProgress | None = None,
+    ) -> None:
+        """Report each connection, every ``status`` count and each disconnection, and
+        every ``progress`` message to ``on_progress``.
 
         ComfyUI broadcasts ``queue_remaining`` to every WebSocket client on each put,
-        start, finish (after writing the history entry) and delete. Frames can stop
-        arriving while HTTP works: the poller probes the count to notice. Runs until
-        cancelled, reconnecting with backoff, with a fresh client id per connection
-        (reusing one silently breaks delivery).
+        start, finish (after writing the history entry) and delete; ``progress`` goes to
+        the submitter's socket, or to every socket for a prompt submitted without a
+        client id. Frames can stop arriving while HTTP works: the poller probes the count
+        to notice. Runs until cancelled, reconnecting with backoff, with a fresh client id
+        per connection (reusing one silently breaks delivery).
         """
         failures = 0
         while True:
             try:
-                await self._watch_once(on_event)
+                await self._watch_once(on_event, on_progress)
                 failures = 0
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
                 failures += 1
@@ -142,7 +156,9 @@ class ComfyClient:
             delay = min(_WS_MAX_BACKOFF_S, 2 ** min(failures, 10))
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
 
-    async def _watch_once(self, on_event: Callable[[SocketEvent, int | None], None]) -> None:
+    async def _watch_once(
+        self, on_event: Callable[[SocketEvent, int | None], None], on_progress: OnProgress | None
+    ) -> None:
         session = self._ensure_session()
         scheme = "wss" if self.settings.url.startswith("https:") else "ws"
         url = f"{scheme}:{self.settings.url.partition(':')[2]}/ws?clientId={uuid.uuid4().hex}"
@@ -159,9 +175,12 @@ class ComfyClient:
                 async for message in ws:
                     if message.type is not aiohttp.WSMsgType.TEXT:
                         continue  # binary frames are previews
-                    remaining = _queue_remaining(message.data)
-                    if remaining is not None:
-                        on_event("count", remaining)
+                    news = _read_message(message.data)
+                    if isinstance(news, Progress):
+                        if on_progress is not None:
+                            on_progress(news)
+                    elif news is not None:
+                        on_event("count", news)
             finally:
                 on_event("disconnected", None)
 
@@ -205,28 +224,58 @@ class ComfyClient:
         except ParseError as exc:
             raise BadResponse(self.name, f"GET /history/{{id}}: {exc}") from None
 
+    async def post_prompt(self, graph: Mapping[str, Any], *, prompt_id: str) -> PromptQueued:
+        """``POST /prompt`` with ``{"prompt": graph, "prompt_id": prompt_id}`` and no client
+        id, so that ComfyUI sends the prompt's progress to every socket.
+
+        ComfyUI 0.3.64 takes the id given; older versions make their own, which the
+        answer carries. Raises :class:`PromptRefused` when the server refuses the graph
+        (HTTP 400, with its ``error`` and ``node_errors``), a ServerError otherwise. It
+        is never retried: a lost answer could mean the prompt was queued.
+        """
+        body = orjson.dumps({"prompt": graph, "prompt_id": prompt_id})
+        status, answer = await self._fetch(
+            "POST", "/prompt", "POST /prompt", ok=(200, 400), data=body
+        )
+        if status == 400:
+            refusal = parse_prompt_refusal(answer)
+            raise PromptRefused(self.name, refusal.error, refusal.node_errors)
+        try:
+            return parse_prompt_queued(answer)
+        except ParseError as exc:
+            raise BadResponse(self.name, f"POST /prompt: {exc}") from None
+
     async def _get_json(self, path: str) -> Any:
-        session = self._ensure_session()
-        url = self.settings.url + path
         route = "GET " + path.partition("?")[0]
         if path.startswith("/history/"):
             route = "GET /history/{id}"
+        _, body = await self._fetch("GET", path, route, ok=(200,))
+        return body
+
+    async def _fetch(
+        self, method: str, path: str, route: str, *, ok: Container[int], data: bytes | None = None
+    ) -> tuple[int, Any]:
+        """One request; the status (one of ``ok``) and the parsed JSON body."""
+        session = self._ensure_session()
+        url = self.settings.url + path
+        headers = {"Content-Type": "application/json"} if data is not None else None
         try:
             # Redirects are not followed: ComfyUI never sends them, and following one
             # could carry the configured credential headers to another host.
-            async with session.get(url, allow_redirects=False) as response:
-                if response.status in (401, 403):
+            async with session.request(
+                method, url, data=data, headers=headers, allow_redirects=False
+            ) as response:
+                status = response.status
+                if status in (401, 403):
                     raise ServerAuthError(
                         self.name,
-                        f"{route}: HTTP {response.status}: authentication refused "
+                        f"{route}: HTTP {status}: authentication refused "
                         "(check the server's headers in the config)",
                     )
-                if 300 <= response.status < 400:
-                    raise BadResponse(
-                        self.name, f"{route}: HTTP {response.status} redirect (not followed)"
-                    )
-                if response.status != 200:
-                    raise BadResponse(self.name, f"{route}: HTTP {response.status}")
+                if 300 <= status < 400:
+                    raise BadResponse(self.name, f"{route}: HTTP {status} redirect (not followed)")
+                if status not in ok:
+                    raise BadResponse(self.name, f"{route}: HTTP {status}")
                 raw = await self._read_capped(response, route)
         except (ServerAuthError, BadResponse):  # ResponseTooLarge included
             raise
@@ -236,8 +285,8 @@ class ComfyClient:
             raise ServerUnavailable(self.name, f"{route}: {describe_error(exc)}") from None
         try:
             if len(raw) > THREAD_PARSE_BYTES:
-                return await asyncio.to_thread(loads, raw)
-            return loads(raw)
+                return status, await asyncio.to_thread(loads, raw)
+            return status, loads(raw)
         except (ValueError, RecursionError):
             kind = "HTML" if raw.lstrip()[:1] == b"<" else "non-JSON"
             raise BadResponse(self.name, f"{route}: {kind} body ({len(raw)} bytes)") from None
@@ -258,13 +307,21 @@ class ComfyClient:
         return b"".join(chunks)
 
 
-def _queue_remaining(text: str) -> int | None:
-    """``queue_remaining`` from a ``status`` message, or ``None`` for anything else."""
+def _read_message(text: str) -> int | Progress | None:
+    """``queue_remaining`` from a ``status`` message, a ``progress`` message, or ``None``
+    for anything else (a malformed message included)."""
     try:
         message = loads(text.encode())
     except (ValueError, RecursionError):
         return None
-    if not isinstance(message, dict) or message.get("type") != "status":
+    if not isinstance(message, dict):
+        return None
+    if message.get("type") == "progress":
+        try:
+            return parse_progress(message.get("data"))
+        except ParseError:
+            return None
+    if message.get("type") != "status":
         return None
     try:
         value = message["data"]["status"]["exec_info"]["queue_remaining"]

@@ -85,3 +85,22 @@ class ParseError(ComfywatchError):
 
 class StoreError(ComfywatchError):
     """The database could not be read or written; nothing was recorded."""
+
+
+class PromptRefused(ServerError):
+    """The server refused a prompt (``POST /prompt`` answered 400): nothing was queued.
+
+    ``error`` is ComfyUI's ``{"type", "message", "details", "extra_info"}``; ``node_errors``
+    maps node ids to ``{"errors": [...], "dependent_outputs": [...], "class_type"}``.
+    """
+
+    def __init__(
+        self, server: str, error: dict[str, object], node_errors: dict[str, object]
+    ) -> None:
+        self.error = error
+        self.node_errors = node_errors
+        super().__init__(server, f"prompt refused: {error.get('message') or error.get('type')}")
+
+    @property
+    def kind(self) -> str:
+        return "refused"

@@ -97,6 +97,38 @@ class QueueSnapshot:
     numbers: Mapping[str, int]
 
 
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A WebSocket ``progress`` message: step ``value`` of ``max`` of node ``node``."""
+
+    prompt_id: str
+    node: str | None
+    value: int
+    max: int
+
+
+@dataclass(frozen=True, slots=True)
+class PromptQueued:
+    """A ``POST /prompt`` answer (200): the prompt's id and number, and the outputs that
+    failed validation and will not run (``node_errors``; empty when all is well)."""
+
+    prompt_id: str
+    number: int | None
+    node_errors: dict[str, JSON]
+
+
+@dataclass(frozen=True, slots=True)
+class PromptRefusal:
+    """A ``POST /prompt`` refusal (400): ComfyUI's ``error`` and ``node_errors``."""
+
+    error: dict[str, JSON]
+    node_errors: dict[str, JSON]
+
+
+#: Largest progress ``value`` or ``max`` kept (the columns are 32-bit integers).
+MAX_PROGRESS = 2**31 - 1
+
+
 #: Nesting deeper than this in stored JSON is replaced by a marker.
 MAX_JSON_DEPTH = 64
 _INT64 = 2**63 - 1
@@ -183,6 +215,55 @@ def parse_queue(body: JSON) -> QueueSnapshot:
         running=running,
         pending=frozenset(lists["queue_pending"] - running),
         numbers=numbers,
+    )
+
+
+def parse_progress(data: JSON) -> Progress:
+    """Read the ``data`` of a ``progress`` message: ``{"value", "max", "prompt_id", "node"}``."""
+    if not isinstance(data, dict):
+        raise ParseError(f"progress: expected an object, got {type(data).__name__}")
+    prompt_id = data.get("prompt_id")
+    if not isinstance(prompt_id, str) or not prompt_id:
+        raise ParseError("progress: no prompt_id")
+    value, top = _opt_int(data.get("value")), _opt_int(data.get("max"))
+    if (
+        value is None
+        or top is None
+        or not (0 <= value <= MAX_PROGRESS and 0 <= top <= MAX_PROGRESS)
+    ):
+        raise ParseError("progress: value and max must be whole numbers >= 0")
+    return Progress(
+        prompt_id=_cap(prompt_id, MAX_NAME_CHARS),
+        node=_opt_str(data.get("node")),
+        value=value,
+        max=top,
+    )
+
+
+def parse_prompt_queued(body: JSON) -> PromptQueued:
+    """Read a ``POST /prompt`` answer: ``{"prompt_id", "number", "node_errors"}``."""
+    if not isinstance(body, dict):
+        raise ParseError(f"expected an object, got {type(body).__name__}")
+    prompt_id = body.get("prompt_id")
+    if not isinstance(prompt_id, str) or not prompt_id:
+        raise ParseError("no prompt_id in the answer")
+    node_errors = body.get("node_errors")
+    return PromptQueued(
+        prompt_id=clean_text(prompt_id),
+        number=_opt_int(body.get("number")),
+        node_errors=clean_json(node_errors) if isinstance(node_errors, dict) else {},
+    )
+
+
+def parse_prompt_refusal(body: JSON) -> PromptRefusal:
+    """Read a ``POST /prompt`` refusal; whatever its shape, an ``error`` with a message."""
+    error = body.get("error") if isinstance(body, dict) else None
+    node_errors = body.get("node_errors") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        error = {"type": "unknown", "message": str(error) if error else "refused", "details": ""}
+    return PromptRefusal(
+        error=clean_json(error),
+        node_errors=clean_json(node_errors) if isinstance(node_errors, dict) else {},
     )
 
 

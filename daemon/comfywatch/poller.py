@@ -33,6 +33,7 @@ from comfywatch.config import HookSettings, ServerSettings
 from comfywatch.errors import ServerError, StoreError
 from comfywatch.metrics import Metrics
 from comfywatch.open_jobs import OpenJob, OpenJobs, deadline_of
+from comfywatch.progress import ProgressBook
 from comfywatch.recording import Recorder
 from comfywatch.server_health import MAX_BACKOFF_S, ServerHealth, ServerHealthBook
 from comfywatch.server_poll import ServerPoll, poll_server
@@ -80,15 +81,18 @@ class Poller:
         clock: Clock = SYSTEM_CLOCK,
         max_backoff_s: float = MAX_BACKOFF_S,
         on_poll_done: Callable[[str], None] | None = None,
+        progress: ProgressBook | None = None,
     ) -> None:
         """``on_poll_done`` is called with a server's name when a poll that outlived its
-        tick's budget finishes (so that its result is recorded soon)."""
+        tick's budget finishes (so that its result is recorded soon). A job's latest
+        ``progress`` (from the book) goes with each change of its state."""
         self._store = store
         self._clock = clock
         self._metrics = metrics
         self._on_poll_done = on_poll_done
         self._health = ServerHealthBook(metrics=metrics, max_backoff_s=max_backoff_s)
-        self._recorder = Recorder(store=store, metrics=metrics, mono=clock.mono)
+        self._progress = progress
+        self._recorder = Recorder(store=store, metrics=metrics, mono=clock.mono, progress=progress)
         self._clients: dict[str, ComfyClient] = {}
         self._watches: dict[str, ServerWatch] = {}
         self._open = OpenJobs()
@@ -147,6 +151,11 @@ class Poller:
     @property
     def tracked_count(self) -> int:
         return len(self._open)
+
+    def job_id(self, server: str, prompt_id: str) -> int | None:
+        """The id of the job tracking ``prompt_id`` on ``server``, if one does."""
+        open_job = self._open.on(server).get(prompt_id)
+        return open_job.job.id if open_job is not None else None
 
     # -- jobs in and socket events ------------------------------------------------------
 
@@ -348,6 +357,8 @@ class Poller:
             changed = decision.state is not job.state
             if decision.state.terminal or (changed and job.id not in applied):
                 self._open.remove(job.id)  # finished (or already so in the database)
+                if self._progress is not None:
+                    self._progress.forget(job.server, job.prompt_id)
                 continue
             open_job = self._open.get(job.id)
             if open_job is None:

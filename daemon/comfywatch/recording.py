@@ -1,8 +1,10 @@
 """Carry one tick's decisions out: every change in one transaction, then a log line each.
 
 The hook deliveries a terminal change owes (:func:`comfywatch.tracking.owed_hooks`) are
-written in the same transaction as the change. The commit is shielded: a stop that cancels
-the tick never cuts it in half, and :meth:`Recorder.wait` lets the poller wait for it.
+written in the same transaction as the change, and so is the job's latest progress (the
+last one of a finished job, whether or not it was written before). The commit is shielded:
+a stop that cancels the tick never cuts it in half, and :meth:`Recorder.wait` lets the
+poller wait for it.
 
 Detection lag (``comfywatch_detection_lag_seconds``) runs on this host's monotonic clock,
 from when the finish became observable (the socket frame or probe answer that showed the
@@ -20,8 +22,9 @@ from dataclasses import dataclass
 import structlog
 
 from comfywatch.metrics import Metrics
+from comfywatch.progress import ProgressBook
 from comfywatch.states import JobState
-from comfywatch.store import ActiveJob, Change, Store
+from comfywatch.store import ActiveJob, Change, ProgressUpdate, Store
 from comfywatch.tracking import Decision, owed_hooks
 
 log = structlog.get_logger("comfywatch.poller")
@@ -46,10 +49,12 @@ class Recorder:
         store: Store,
         metrics: Metrics | None,
         mono: Callable[[], float] = time.monotonic,
+        progress: ProgressBook | None = None,
     ) -> None:
         self._store = store
         self._metrics = metrics
         self._mono = mono
+        self._progress = progress
         self._recording: asyncio.Future[list[int]] | None = None
 
     async def record(
@@ -64,7 +69,7 @@ class Recorder:
         ``observed_at_s``: per server, when what its poll showed became observable
         (monotonic seconds; detection lag is measured from it)."""
         changes = [
-            _change(job, decision, hook_states)
+            _change(job, decision, hook_states, self._progress_of(job))
             for job, decision in decisions
             if decision.state is not job.state
         ]
@@ -81,6 +86,13 @@ class Recorder:
                     lag_s = committed_at_s - at_s
                 finished += self._log_change(job, decision, lag_s)
         return Recorded(changed=len(applied), finished=finished, applied=frozenset(applied))
+
+    def _progress_of(self, job: ActiveJob) -> ProgressUpdate | None:
+        noted = self._progress.latest(job.server, job.prompt_id) if self._progress else None
+        if noted is None:
+            return None
+        p = noted.progress
+        return ProgressUpdate(job.id, node=p.node, value=p.value, max=p.max, at_s=noted.at_s)
 
     async def wait(self) -> None:
         """Wait for a commit in flight (one whose tick was cancelled) to end."""
@@ -121,7 +133,10 @@ class Recorder:
 
 
 def _change(
-    job: ActiveJob, decision: Decision, hook_states: Mapping[str, Collection[JobState]]
+    job: ActiveJob,
+    decision: Decision,
+    hook_states: Mapping[str, Collection[JobState]],
+    progress: ProgressUpdate | None,
 ) -> Change:
     owed = owed_hooks(job.hooks, decision.state, hook_states)
     for name in owed.unconfigured:
@@ -135,4 +150,5 @@ def _change(
         started_at_s=decision.started_at_s if job.started_at is None else None,
         deliveries=owed.deliveries,
         detail=decision.detail,
+        progress=progress,
     )

@@ -18,11 +18,14 @@ from comfywatch.clock import SYSTEM_CLOCK, Clock
 from comfywatch.comfy import SocketEvent
 from comfywatch.config import Settings, config_fingerprint, load_settings
 from comfywatch.errors import ConfigError, StoreError
+from comfywatch.history import Progress
 from comfywatch.hooks import HookDispatcher
 from comfywatch.housekeeping import Housekeeping
 from comfywatch.metrics import Metrics
 from comfywatch.notify import SystemdNotifier
 from comfywatch.poller import Poller
+from comfywatch.progress import ProgressBook
+from comfywatch.progress_writer import ProgressWriter
 from comfywatch.spool import Spool
 from comfywatch.store import ActiveJob, NewJob, Store
 from comfywatch.watchers import QueueWatchers
@@ -103,7 +106,8 @@ class Daemon:
         self._reload_event = asyncio.Event()
         self._wake = asyncio.Event()
         self._hinted: set[str] = set()
-        self._watchers = QueueWatchers(self._socket_event)
+        self._watchers = QueueWatchers(self._socket_event, self._socket_progress)
+        self.progress = ProgressBook()
         self.spool = Spool(settings, metrics=self.metrics)
         self._housekeeping = Housekeeping(
             store=store, metrics=self.metrics, spool=self.spool, mono=clock.mono
@@ -122,7 +126,12 @@ class Daemon:
             metrics=self.metrics,
             clock=clock,
             on_poll_done=self.hint,  # a slow server's late result: record it soon
+            progress=self.progress,
         )
+        self._progress_writer = ProgressWriter(
+            store=store, book=self.progress, job_id_of=self.poller.job_id
+        )
+        self._progress_task: asyncio.Task[None] | None = None
         self.dispatcher = HookDispatcher(
             store=store,
             hooks=settings.hooks,
@@ -215,6 +224,7 @@ class Daemon:
         new = self.poller.add(rows)
         for server in {row.server for row in rows}:
             self.hint(server)
+        self._progress_writer.wake()  # progress that came before the registration
         return new
 
     def _config_changed(self) -> bool:
@@ -226,6 +236,7 @@ class Daemon:
         """Poll until stopped (or, with ``until_done``, until nothing is left to do)."""
         await self.start()
         dispatcher_task = asyncio.create_task(self.dispatcher.run(self.stop_event))
+        self._progress_task = asyncio.create_task(self._progress_writer.run(self.stop_event))
         try:
             self.status.ready = True
             self.notifier.notify(ready=True, status=self._status_line())
@@ -261,6 +272,7 @@ class Daemon:
             self.notifier.notify(stopping=True)
             await self._watchers.stop()
             await self._housekeeping.stop()
+            await asyncio.wait({self._progress_task})  # ends its write in flight, if any
             self.dispatcher.wake()
             try:
                 await self._stop_dispatcher(dispatcher_task)
@@ -381,6 +393,10 @@ class Daemon:
         if self.poller.socket_event(server, kind, remaining):
             self.hint(server)
 
+    def _socket_progress(self, server: str, progress: Progress) -> None:
+        self.progress.note(server, progress, self._clock.wall())
+        self._progress_writer.wake()
+
     def _reconnect_stalled(self) -> None:
         clients = self.poller.clients()
         for server in self.poller.stalled_sockets():
@@ -397,6 +413,9 @@ class Daemon:
         if dispatcher.done():
             dispatcher.result()
             raise RuntimeError("hook dispatcher stopped unexpectedly")
+        if self._progress_task is not None and self._progress_task.done():
+            self._progress_task.result()
+            raise RuntimeError("progress writer stopped unexpectedly")
         self._watchers.check()
 
     def _status_line(self) -> str:

@@ -49,6 +49,18 @@ def error_json(job: JobRow) -> dict[str, Any] | None:
     }
 
 
+def progress_json(job: JobRow) -> dict[str, Any] | None:
+    """The last ``progress`` message recorded for the job, or ``None``."""
+    if job.progress_value is None or job.progress_max is None:
+        return None
+    return {
+        "node": job.progress_node,
+        "value": job.progress_value,
+        "max": job.progress_max,
+        "at": iso(job.progress_at),
+    }
+
+
 def job_json(record: JobRecord, *, deliveries: bool = False) -> dict[str, Any]:
     """One job as an object; ``deliveries`` adds its hook deliveries (for ``show``)."""
     job = record.job
@@ -72,6 +84,7 @@ def job_json(record: JobRecord, *, deliveries: bool = False) -> dict[str, Any]:
         "hooks": list(job.hooks),
         "error": error_json(job),
         "detail": job.detail,
+        "progress": progress_json(job),
         "outputs": [output_json(out) for out in record.outputs],
     }
     if deliveries:

@@ -200,7 +200,9 @@ class ServerWatch:
         because it is too large)."""
         self.queue_read_at_s = now_s
         self.queue_unreadable = remaining is None
-        if remaining is not None and self.socket_up is False:
+        # With the socket up its frames carry the count, but after a resync none may come
+        # before the next finish: without the snapshot's size, that drop would go unseen.
+        if remaining is not None and (self.socket_up is False or self.count is None):
             self.count = remaining
         self.starts = 0
         self.puts = False

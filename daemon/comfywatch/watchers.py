@@ -1,7 +1,8 @@
 """WebSocket watchers: one task per server that enables it, reporting every event.
 
 Each connection, ``status`` count and disconnection goes to ``on_event(server, kind,
-remaining)`` (the poller's watch state of that server). A watcher that dies stops the
+remaining)`` (the poller's watch state of that server), each ``progress`` message to
+``on_progress(server, progress)``. A watcher that dies stops the
 daemon loudly (see :meth:`QueueWatchers.check`); a stalled one is restarted.
 """
 
@@ -12,15 +13,22 @@ import functools
 from collections.abc import Callable, Mapping
 
 from comfywatch.comfy import ComfyClient, SocketEvent
+from comfywatch.history import Progress
 
 OnEvent = Callable[[str, SocketEvent, int | None], None]
+OnProgress = Callable[[str, Progress], None]
+
+
+def _ignore(_server: str, _progress: Progress) -> None:
+    return None
 
 
 class QueueWatchers:
     """Runs ``client.watch`` for each server with ``websocket`` on."""
 
-    def __init__(self, on_event: OnEvent) -> None:
+    def __init__(self, on_event: OnEvent, on_progress: OnProgress = _ignore) -> None:
         self._on_event = on_event
+        self._on_progress = on_progress
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def start(self, clients: Mapping[str, ComfyClient]) -> None:
@@ -30,7 +38,11 @@ class QueueWatchers:
 
     def _start(self, name: str, client: ComfyClient) -> None:
         self._tasks[name] = asyncio.create_task(
-            client.watch(functools.partial(self._on_event, name)), name=f"watch-{name}"
+            client.watch(
+                functools.partial(self._on_event, name),
+                functools.partial(self._on_progress, name),
+            ),
+            name=f"watch-{name}",
         )
 
     def reconnect(self, name: str, client: ComfyClient) -> None:

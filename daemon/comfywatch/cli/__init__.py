@@ -3,9 +3,10 @@
 Light on purpose: ``--version`` and ``--help`` import argparse and the state names only.
 Each command group's module is imported when one of its commands runs: ``daemon`` (run,
 check-config, migrate), ``jobs`` (jobs, show), ``hooks``, ``prune``, ``health``
-(healthcheck), ``register`` (a spool file), ``live`` (watch: rich), ``completion`` (shtab)
-and ``fake`` (fake-server). The queries read the database without Alembic
-(:mod:`comfywatch.store.readonly`); only the daemon and ``fake-server`` need aiohttp.
+(healthcheck), ``register`` (a spool file), ``submit`` (a workflow, then a spool file),
+``wait``, ``live`` (watch: rich), ``completion`` (shtab) and ``fake`` (fake-server). The
+queries read the database without Alembic (:mod:`comfywatch.store.readonly`); only the
+daemon and ``fake-server`` need aiohttp.
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from comfywatch.cli import register
 
         return register.register(args)
+    if command == "submit":
+        from comfywatch.cli import submit
+
+        return submit.submit(args)
+    if command == "wait":
+        from comfywatch.cli import wait
+
+        return wait.wait(args)
     if command == "watch":
         from comfywatch.cli import live
 

@@ -21,9 +21,9 @@ from comfywatch.cli.output import (
     EX_OK,
     EX_USAGE,
     err,
-    escaped,
     labels_text,
     print_json,
+    printable,
     say,
     table,
 )
@@ -103,6 +103,7 @@ def jobs_table(records: list[JobRecord], *, now: datetime | None = None) -> None
             r.job.server,
             r.job.prompt_id,
             r.job.state.value,
+            progress_text(r.job),
             r.job.reason.value if r.job.reason is not None else "",
             clock_text(r.job.registered_at),
             clock_text(r.job.queued_at),
@@ -119,6 +120,7 @@ def jobs_table(records: list[JobRecord], *, now: datetime | None = None) -> None
             "SERVER",
             "PROMPT_ID",
             "STATE",
+            "PROGRESS",
             "REASON",
             "REGISTERED",
             "QUEUED",
@@ -172,6 +174,13 @@ def duration_text(seconds: float) -> str:
     return f"{sign}{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
+def progress_text(job: JobRow) -> str:
+    """``3/20`` (the last progress recorded), or empty."""
+    if job.progress_value is None or job.progress_max is None:
+        return ""
+    return f"{job.progress_value}/{job.progress_max}"
+
+
 def show_job(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     wanted: str = args.prompt_id
@@ -188,7 +197,7 @@ def show_job(args: argparse.Namespace) -> int:
     if found.candidates:
         err(f"prompt id prefix {wanted!r} is ambiguous; candidates:")
         for candidate in found.candidates[:CANDIDATES_SHOWN]:
-            print(f"  {escaped(candidate)}", file=sys.stderr)
+            print(f"  {printable(candidate)}", file=sys.stderr)
         if len(found.candidates) > CANDIDATES_SHOWN:
             print("  ... (give more of the id)", file=sys.stderr)
         return EX_USAGE
@@ -211,6 +220,10 @@ def show_job(args: argparse.Namespace) -> int:
         say(f"{key + ':':15}{'' if data[key] is None else data[key]}")
     say(f"{'labels:':15}{labels_text(data['labels']) or ''}")
     say(f"{'source:':15}{data['source'] or ''}")
+    if data["progress"]:
+        progress = data["progress"]
+        node = f" node {progress['node']}" if progress["node"] is not None else ""
+        say(f"{'progress:':15}{progress['value']}/{progress['max']}{node} at {progress['at']}")
     if data["error"]:
         error = data["error"]
         say(f"error:         node {error['node_id']} ({error['node_type']})")

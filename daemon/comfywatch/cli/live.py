@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from comfywatch.cli.context import settings_of
 from comfywatch.cli.jobs import clock_text, duration_text, run_time_text
-from comfywatch.cli.output import EX_OK, escaped, labels_text
+from comfywatch.cli.output import EX_OK, labels_text, printable
 from comfywatch.config import Settings
 from comfywatch.errors import StoreError
 from comfywatch.states import ACTIVE_STATES, TERMINAL_STATES, JobState
 from comfywatch.store.readonly import read
 from comfywatch.store.reads import count_jobs, select_live
-from comfywatch.store.values import LiveJob
+from comfywatch.store.values import JobRow
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -64,9 +64,9 @@ class MetricsView:
 
 @dataclass(frozen=True, slots=True)
 class JobsView:
-    running: list[LiveJob]
-    waiting: list[LiveJob]
-    recent: list[LiveJob]
+    running: list[JobRow]
+    waiting: list[JobRow]
+    recent: list[JobRow]
     counts: Mapping[tuple[str, JobState], int]
 
 
@@ -253,11 +253,11 @@ def render(snapshot: Snapshot, settings: Settings, url: str | None, interval: fl
     parts: list[RenderableType] = [header]
     metrics = snapshot.metrics
     if metrics.problem is not None:
-        parts.append(Text(escaped(metrics.problem), style="yellow"))
+        parts.append(Text(printable(metrics.problem), style="yellow"))
     elif metrics.last_tick_s is not None:
         parts.append(Text(f"daemon: last pass {_ago(now_s - metrics.last_tick_s)}"))
     if snapshot.db_problem is not None:
-        parts.append(Text(f"database: {escaped(snapshot.db_problem)}", style="red"))
+        parts.append(Text(f"database: {printable(snapshot.db_problem)}", style="red"))
     jobs = snapshot.jobs
     counts = jobs.counts if jobs is not None else {}
     parts.append(_servers_table(settings, metrics, counts, now_s))
@@ -293,7 +293,7 @@ def _servers_table(
             (name, JobState.REGISTERED), 0
         )
         table.add_row(
-            Text(escaped(name)),
+            Text(printable(name)),
             status,
             "" if view.queue is None else str(view.queue),
             "" if view.last_poll_s is None else _ago(now_s - view.last_poll_s),
@@ -320,23 +320,22 @@ def _jobs_tables(jobs: JobsView, now: datetime) -> list[Any]:
     )
     for column in ("SERVER", "PROMPT_ID", "PROGRESS", "", "NODE", "RUNNING FOR", "LABELS"):
         running.add_column(column, overflow="fold")
-    for live in jobs.running:
-        job = live.job
+    for job in jobs.running:
         bar: Any = ""
         steps = ""
-        if live.progress_max and live.progress_value is not None:
-            bar = ProgressBar(total=live.progress_max, completed=live.progress_value, width=20)
-            steps = f"{live.progress_value}/{live.progress_max}"
-            if live.progress_at is not None:
-                steps += f" ({_ago(now_s - live.progress_at.timestamp())})"
+        if job.progress_max and job.progress_value is not None:
+            bar = ProgressBar(total=job.progress_max, completed=job.progress_value, width=20)
+            steps = f"{job.progress_value}/{job.progress_max}"
+            if job.progress_at is not None:
+                steps += f" ({_ago(now_s - job.progress_at.timestamp())})"
         running.add_row(
-            Text(escaped(job.server)),
-            Text(escaped(job.prompt_id)),
+            Text(printable(job.server)),
+            Text(printable(job.prompt_id)),
             bar,
             steps,
-            Text(escaped(live.progress_node or "")),
+            Text(printable(job.progress_node or "")),
             run_time_text(job, now),
-            Text(escaped(labels_text(job.labels))),
+            Text(printable(labels_text(job.labels))),
         )
 
     waiting = Table(
@@ -346,29 +345,27 @@ def _jobs_tables(jobs: JobsView, now: datetime) -> list[Any]:
     )
     for column in ("SERVER", "PROMPT_ID", "STATE", "REGISTERED", "LABELS"):
         waiting.add_column(column, overflow="fold")
-    for live in jobs.waiting:
-        job = live.job
+    for job in jobs.waiting:
         waiting.add_row(
-            Text(escaped(job.server)),
-            Text(escaped(job.prompt_id)),
+            Text(printable(job.server)),
+            Text(printable(job.prompt_id)),
             job.state.value,
             _ago(now_s - job.registered_at.timestamp()),
-            Text(escaped(labels_text(job.labels))),
+            Text(printable(labels_text(job.labels))),
         )
 
     recent = Table(title="recently finished", title_justify="left", box=box.SIMPLE_HEAD)
     for column in ("SERVER", "PROMPT_ID", "STATE", "REASON", "FINISHED", "DURATION", "LABELS"):
         recent.add_column(column, overflow="fold")
-    for live in jobs.recent:
-        job = live.job
+    for job in jobs.recent:
         recent.add_row(
-            Text(escaped(job.server)),
-            Text(escaped(job.prompt_id)),
+            Text(printable(job.server)),
+            Text(printable(job.prompt_id)),
             Text(job.state.value, style="green" if job.state is JobState.SUCCESS else "red"),
             job.reason.value if job.reason is not None else "",
             _ago(now_s - job.finished_at.timestamp()) if job.finished_at is not None else "",
             run_time_text(job, now),
-            Text(escaped(labels_text(job.labels))),
+            Text(printable(labels_text(job.labels))),
         )
     return [running, waiting, recent]
 

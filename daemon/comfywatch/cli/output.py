@@ -36,15 +36,16 @@ def print_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
-def escaped(text: str) -> str:
+def printable(text: str) -> str:
     """Text that may come from a remote server, its control characters (terminal escape
-    sequences) shown escaped (``\\x1b``), so that it never drives the terminal."""
+    sequences) shown escaped."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def say(text: str) -> None:
-    """Print text that may come from a remote server (see :func:`escaped`)."""
-    print(escaped(text))
+    """Print text that may come from a remote server: control characters (terminal escape
+    sequences) are shown escaped, never sent to the terminal."""
+    print(printable(text))
 
 
 def table(header: list[str], rows: list[list[str]], *, indent: str = "") -> None:

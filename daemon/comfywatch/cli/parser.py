@@ -108,8 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     retry = hooks_sub.add_parser("retry", parents=[nested], help="send dead deliveries again")
     retry.add_argument("ids", nargs="*", type=int, metavar="ID")
     retry.add_argument("--all-dead", action="store_true")
+    _add_hooks_test(hooks_sub, nested)
 
     _add_register(sub, common)
+    _add_submit(sub, common)
+    _add_wait(sub, common)
 
     prune = sub.add_parser("prune", parents=[common], help="delete old terminal jobs")
     prune.add_argument("--older-than", type=_duration_s, required=True, metavar="AGE")
@@ -139,12 +142,37 @@ def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
     register.add_argument("--timeout", type=float, default=60.0, metavar="S", help="for --wait")
 
 
+def _add_hooks_test(hooks_sub: Any, nested: argparse.ArgumentParser) -> None:
+    """``comfywatch hooks test``: one sample event to one hook, now."""
+    test = hooks_sub.add_parser(
+        "test",
+        parents=[nested],
+        help="send a sample event to a hook now and show its answer",
+        description=(
+            "Send a sample event, signed as a real one, to the hook NAME through the\n"
+            "daemon's own delivery code, and print what the receiver answered. The\n"
+            "event's type is job.test and command hooks get COMFYWATCH_TEST=1, so\n"
+            "receivers can tell it from real events. Nothing is written to the database.\n"
+            "Exit status 0 if the hook took it (2xx, or exit status 0), 1 if not."
+        ),
+        epilog="example:\n  comfywatch hooks test notify --state error",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    test.add_argument("name", metavar="NAME", help="the hook, as named in [hooks.NAME]")
+    test.add_argument(
+        "--state",
+        choices=[s.value for s in JobState if s.terminal],
+        default=JobState.SUCCESS.value,
+        help="the job state the sample event carries in data.state (default: success)",
+    )
+
+
 def _positive_s(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
+        value = -1.0
+    if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value
 
@@ -189,6 +217,82 @@ def _add_completion(sub: Any) -> None:
     )
     completion.add_argument(
         "shell", choices=["bash", "zsh", "fish"], help="the shell to complete in"
+    )
+
+
+def _add_submit(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``comfywatch submit``: queue a workflow on a server and track it."""
+    submit = sub.add_parser(
+        "submit",
+        parents=[common],
+        help="queue an API-format workflow on a server and track it",
+        description=(
+            "POST the API-format workflow WORKFLOW (a JSON file, or - for stdin) to the\n"
+            "server's /prompt, register the prompt through the spool as `comfywatch\n"
+            "register` does, and print its prompt id. A workflow the server refuses is\n"
+            "explained per node and input (exit status 1). With --wait, follow the job\n"
+            "in the database the daemon writes, with a progress bar, and exit as\n"
+            "`comfywatch wait` does."
+        ),
+        epilog=(
+            "example:\n"
+            "  comfywatch submit portrait.json --server local --label batch=b1 --wait\n\n"
+            "The workflow must be in ComfyUI's API format: enable the dev mode options in\n"
+            'ComfyUI\'s settings, then use "Export (API)" (or "Save (API Format)").'
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    submit.add_argument("workflow", metavar="WORKFLOW", help="API-format workflow JSON, or -")
+    submit.add_argument("--server", required=True, help="the server to queue it on (by name)")
+    submit.add_argument(
+        "--label",
+        action="append",
+        type=_label,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label for the job (repeatable)",
+    )
+    submit.add_argument(
+        "--hooks",
+        type=lambda text: [name for name in text.split(",") if name],
+        metavar="A,B",
+        help='hooks for the job ("" for none; default: default_hooks)',
+    )
+    submit.add_argument(
+        "--wait", action="store_true", help="wait until the job ends, showing its progress"
+    )
+    submit.add_argument(
+        "--timeout",
+        type=_positive_s,
+        default=None,
+        metavar="S",
+        help="with --wait: give up after S seconds (exit status 124; default: no limit)",
+    )
+
+
+def _add_wait(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``comfywatch wait``: block until jobs are terminal."""
+    wait = sub.add_parser(
+        "wait",
+        parents=[common],
+        help="wait until jobs end; the exit status tells how they ended",
+        description=(
+            "Wait until every PROMPT_ID is terminal, reading the database the daemon\n"
+            "writes (read-only). A job still waiting in the spool is waited for.\n"
+            "Exit status: 0 if every job succeeded, 1 if any ended otherwise, 2 for a\n"
+            "prompt id neither in the database nor in the spool, 124 on timeout."
+        ),
+        epilog="example:\n  comfywatch wait 2ef07158-5d3a-4e4b-9d63-2d1c4fb8f8a1 --timeout 600",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    wait.add_argument("prompt_ids", nargs="+", metavar="PROMPT_ID", help="the jobs to wait for")
+    wait.add_argument("--server", help="only the jobs on this server (ids on several servers)")
+    wait.add_argument(
+        "--timeout",
+        type=_positive_s,
+        default=None,
+        metavar="S",
+        help="give up after S seconds (exit status 124; default: no limit)",
     )
 
 

@@ -14,9 +14,10 @@ again.
   are not followed), a timeout or a connection error is retried.
 - ``command``: ``argv`` run without a shell in a session of its own, the same JSON on stdin,
   the daemon's environment plus ``COMFYWATCH_SERVER``, ``COMFYWATCH_PROMPT_ID``,
-  ``COMFYWATCH_STATE`` and ``COMFYWATCH_EVENT_ID`` (minus the variables that hold webhook
-  secrets), stdout and stderr captured together (capped). Exit status 0 is a success;
-  anything else is retried. On timeout the whole process group is killed.
+  ``COMFYWATCH_STATE`` and ``COMFYWATCH_EVENT_ID`` (``COMFYWATCH_TEST=1`` for the sample
+  events of ``comfywatch hooks test``; minus the variables that hold webhook secrets),
+  stdout and stderr captured together (capped). Exit status 0 is a success; anything else
+  is retried. On timeout the whole process group is killed.
 
 Failed attempt number *n* is retried after ``retry_schedule_s[n-1]`` (±10% jitter); when the
 schedule is used up the delivery is ``dead`` (``comfywatch hooks retry`` revives it). A

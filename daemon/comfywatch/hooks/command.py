@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 
 from comfywatch.comfy import describe_error
 from comfywatch.config import CommandHookSettings
+from comfywatch.hooks.payload import TEST_EVENT_TYPE
 from comfywatch.hooks.policy import AttemptResult
 from comfywatch.store import DeliveryRow, JobRow
 
@@ -28,11 +29,14 @@ def command_env(
     base: Mapping[str, str], delivery: DeliveryRow, job: JobRow, *, hidden: Iterable[str]
 ) -> dict[str, str]:
     """``base`` (the daemon's environment) without the ``hidden`` variables (webhook secrets
-    are not the command's business) and systemd's, plus ``COMFYWATCH_*`` for this event."""
+    are not the command's business) and systemd's, plus ``COMFYWATCH_*`` for this event
+    (``COMFYWATCH_TEST=1`` for the sample events of ``comfywatch hooks test`` only)."""
     env = dict(base)
     # systemd's channel is the daemon's own: a command must not speak for it.
-    for name in (*hidden, *_SERVICE_MANAGER_VARIABLES):
+    for name in (*hidden, *_SERVICE_MANAGER_VARIABLES, "COMFYWATCH_TEST"):
         env.pop(name, None)
+    if delivery.event_type == TEST_EVENT_TYPE:
+        env["COMFYWATCH_TEST"] = "1"
     env.update(
         COMFYWATCH_SERVER=job.server,
         COMFYWATCH_PROMPT_ID=job.prompt_id,

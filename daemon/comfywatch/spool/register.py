@@ -28,6 +28,7 @@ __all__ = [
     "InvalidJobs",
     "Outcome",
     "Verdict",
+    "check",
     "inbox_of",
     "jobs_file_text",
     "submit",
@@ -103,16 +104,7 @@ def submit(settings: Settings, text: str) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     name = f"{stamp}-{secrets.token_hex(6)}"
     path = inbox / f"{name}{SPOOL_SUFFIX}"
-    try:
-        parse_spool_bytes(path, raw, settings)
-    except ConfigError as exc:
-        # "jobs[0].server" is the command's --server: say "server".
-        key = (exc.key or "").partition(".")[2]
-        message = f"{key}: {exc.message}" if key else exc.message
-    else:
-        message = ""
-    if message:
-        raise InvalidJobs(message)
+    check(settings, text, path)
     temporary = inbox / f".{name}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
@@ -127,6 +119,22 @@ def submit(settings: Settings, text: str) -> Path:
         raise
     _fsync_directory(inbox)
     return path
+
+
+def check(settings: Settings, text: str, path: Path | None = None) -> None:
+    """Raises InvalidJobs if the daemon would reject ``text`` (read as the file ``path``),
+    ConfigError if the config has no usable ``jobs_dir``."""
+    if path is None:
+        path = inbox_of(settings) / f"check{SPOOL_SUFFIX}"
+    try:
+        parse_spool_bytes(path, text.encode("utf-8"), settings)
+    except ConfigError as exc:
+        # "jobs[0].server" is the command's --server: say "server".
+        key = (exc.key or "").partition(".")[2]
+        message = f"{key}: {exc.message}" if key else exc.message
+    else:
+        return
+    raise InvalidJobs(message)
 
 
 def wait_for_verdict(path: Path, timeout_s: float) -> Verdict:

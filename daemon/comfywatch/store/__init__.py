@@ -31,6 +31,7 @@ from comfywatch.store.values import (
     JobRecord,
     JobRow,
     NewJob,
+    ProgressUpdate,
     StoreStats,
     output_columns,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "JobRecord",
     "JobRow",
     "NewJob",
+    "ProgressUpdate",
     "Store",
     "StoreStats",
     "output_columns",

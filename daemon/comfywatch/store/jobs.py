@@ -29,6 +29,7 @@ from comfywatch.store.values import (
     Change,
     JobFilter,
     JobRecord,
+    ProgressUpdate,
     output_columns,
 )
 
@@ -102,6 +103,14 @@ class JobQueries(Database):
             if deliveries:
                 await session.execute(insert(_DELIVERIES), deliveries)
         return applied
+
+    async def record_progress(self, updates: Sequence[ProgressUpdate]) -> None:
+        """Write the jobs' latest progress in one transaction (one ``executemany``); a job
+        already terminal is left as it is."""
+        if not updates:
+            return
+        async with self._session() as session:
+            await _update_active(session, [(u.job_id, _progress_values(u)) for u in updates])
 
     async def jobs(
         self, flt: JobFilter, *, with_deliveries: bool = False, with_history: bool = False
@@ -196,7 +205,19 @@ def _job_values(change: Change, now: datetime) -> dict[str, Any]:
             values["detail"] = change.detail
     if change.history is not None:
         values.update(_history_values(change.history, queued_known=change.queued_at_s is not None))
+    if change.progress is not None:
+        values.update(_progress_values(change.progress))
     return values
+
+
+def _progress_values(update: ProgressUpdate) -> dict[str, Any]:
+    """The ``progress_*`` columns of ``update``."""
+    return {
+        "progress_node": update.node,
+        "progress_value": update.value,
+        "progress_max": update.max,
+        "progress_at": utc(update.at_s),
+    }
 
 
 def _history_values(record: HistoryRecord, *, queued_known: bool) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from comfywatch.store.values import (
     JobFilter,
     JobRecord,
     JobRow,
-    LiveJob,
 )
 
 _JOBS = jobs
@@ -38,8 +37,6 @@ _DELIVERIES = hook_deliveries
 #: only when asked for.
 _JOB_FIELDS = tuple(f.name for f in fields(JobRow) if f.name != "history")
 _DELIVERY_FIELDS = tuple(f.name for f in fields(DeliveryRow))
-#: The last progress event of a job (a :class:`LiveJob`'s fields beside ``job``).
-_PROGRESS_FIELDS = ("progress_node", "progress_value", "progress_max", "progress_at")
 
 
 def select_jobs(
@@ -61,6 +58,20 @@ def select_job(conn: Connection, job_id: int) -> JobRecord | None:
     query = select(*(_JOBS.c[name] for name in _JOB_FIELDS)).where(_JOBS.c.id == job_id)
     jobs = [_job_row(_JOB_FIELDS, row) for row in conn.execute(query)]
     return next(iter(_records(conn, jobs, with_deliveries=False)), None)
+
+
+def select_job_rows(
+    conn: Connection, prompt_ids: Sequence[str], *, server: str | None = None
+) -> list[JobRow]:
+    """The jobs of ``prompt_ids`` (on ``server``, or on any), without their outputs."""
+    c = _JOBS.c
+    rows: list[JobRow] = []
+    for chunk in chunks(list(dict.fromkeys(prompt_ids))):
+        query = select(*(c[name] for name in _JOB_FIELDS)).where(c.prompt_id.in_(chunk))
+        if server is not None:
+            query = query.where(c.server == server)
+        rows.extend(_job_row(_JOB_FIELDS, row) for row in conn.execute(query))
+    return rows
 
 
 def match_prompt_ids(
@@ -120,23 +131,16 @@ def select_jobs_by_prefix(
 
 def select_live(
     conn: Connection, states: Sequence[JobState], *, limit: int, recent: bool = False
-) -> list[LiveJob]:
-    """Jobs in ``states`` with their last progress event: oldest registration first, or
+) -> list[JobRow]:
+    """Jobs in ``states`` (their last progress included): oldest registration first, or
     with ``recent`` the latest finished first (for terminal states)."""
     c = _JOBS.c
-    # Each column once, should a JobRow field come to hold one of the progress columns.
-    names = (*_JOB_FIELDS, *(n for n in _PROGRESS_FIELDS if n not in _JOB_FIELDS))
-    query = select(*(c[name] for name in names)).where(c.state.in_(list(states)))
+    query = select(*(c[name] for name in _JOB_FIELDS)).where(c.state.in_(list(states)))
     if recent:
         query = query.where(c.finished_at.is_not(None)).order_by(c.finished_at.desc(), c.id.desc())
     else:
         query = query.order_by(c.registered_at, c.id)
-    live = []
-    for row in conn.execute(query.limit(limit)):
-        values = dict(zip(names, row, strict=True))
-        job = _job_row(_JOB_FIELDS, [values[name] for name in _JOB_FIELDS])
-        live.append(LiveJob(job, *(values[name] for name in _PROGRESS_FIELDS)))
-    return live
+    return [_job_row(_JOB_FIELDS, row) for row in conn.execute(query.limit(limit))]
 
 
 def count_jobs(conn: Connection, states: Sequence[JobState]) -> dict[tuple[str, JobState], int]:

@@ -59,6 +59,10 @@ def job_row(job: Job, *, with_history: bool = False) -> JobRow:
         error_exception_message=job.error_exception_message,
         error_traceback=job.error_traceback,
         detail=job.detail,
+        progress_node=job.progress_node,
+        progress_value=job.progress_value,
+        progress_max=job.progress_max,
+        progress_at=job.progress_at,
         history=job.history if with_history else None,
     )
 

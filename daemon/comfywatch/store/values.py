@@ -44,6 +44,20 @@ class Change:
     deliveries: Sequence[str] = ()
     #: Why a terminal state was reached, when the reason alone does not say (``jobs.detail``).
     detail: str | None = None
+    #: The job's latest progress, written with the change (a terminal change keeps the last).
+    progress: ProgressUpdate | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressUpdate:
+    """A job's latest ``progress`` message, to write into its ``progress_*`` columns."""
+
+    job_id: int
+    node: str | None
+    value: int
+    max: int
+    #: When it arrived (epoch seconds, this host's clock).
+    at_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +135,11 @@ class JobRow:
     #: Why the state was reached when the reason alone does not say it, e.g. "server
     #: unreachable since ...: ..." on a timeout.
     detail: str | None
+    #: The last ``progress`` message recorded for the job (see :class:`ProgressUpdate`).
+    progress_node: str | None = None
+    progress_value: int | None = None
+    progress_max: int | None = None
+    progress_at: datetime | None = None
     #: The stored history entry; ``None`` too when not asked for (``with_history``): it
     #: holds up to 1 MB.
     history: Mapping[str, Any] | None = None
@@ -153,18 +172,6 @@ class JobRecord:
     job: JobRow
     outputs: tuple[OutputRecord, ...]
     deliveries: tuple[DeliveryRow, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class LiveJob:
-    """A job as ``comfywatch watch`` shows it: its row and the last ``progress`` event
-    ComfyUI broadcast for it (all ``None`` until one was recorded)."""
-
-    job: JobRow
-    progress_node: str | None
-    progress_value: int | None
-    progress_max: int | None
-    progress_at: datetime | None
 
 
 class DeliveryRecord(NamedTuple):

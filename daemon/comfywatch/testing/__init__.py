@@ -27,9 +27,11 @@ the stored ``extra_data``, as any other key would.
 ``GET /queue`` lists ``queue_pending`` in heap order, as ComfyUI does (its queue is a
 ``heapq``): sort by ``number`` (item ``[0]``) for submission order.
 
-What a fake cannot be: nodes are not validated beyond "has a ``class_type``" and "the
+What a fake cannot be: nodes are not validated beyond "has a ``class_type``", "the
 graph has an output node" (a ``class_type`` starting or ending with ``Save`` or
-``Preview``, or a node with ``"_output": true``); ``progress`` comes in a few even steps
+``Preview``, or a node with ``"_output": true``) and "every link upstream of an output
+leads to a node" (an output with a broken link is reported in ``node_errors``, as
+ComfyUI does); ``progress`` comes in a few even steps
 on the graph's first node (``progress_steps``), there are no ``progress_state`` messages,
 and each prompt's ``executing`` / ``executed`` messages are sent together when it ends.
 

@@ -1,9 +1,12 @@
 """What the fake accepts as a prompt: graphs, their validation, and the scripted outcome.
 
 ComfyUI validates every node against its class; the fake only checks that each node has a
-``class_type`` and that the graph has an output node (a ``class_type`` starting or ending
-with ``Save`` or ``Preview``, or a node with ``"_output": true``), and refuses the rest the
-way ``POST /prompt`` does (:class:`PromptRejected`, HTTP 400). ``extra_data`` may carry
+``class_type``, that the graph has an output node (a ``class_type`` starting or ending
+with ``Save`` or ``Preview``, or a node with ``"_output": true``) and that the links
+(``[node_id, slot]`` inputs) upstream of each output lead to nodes that exist. It refuses
+the rest the way ``POST /prompt`` does (:class:`PromptRejected`, HTTP 400): an output with
+a broken link is left out and reported in ``node_errors`` (as ComfyUI's ``KeyError``
+during validation), and a graph with no valid output left is refused. ``extra_data`` may carry
 ``comfywatch_fake: {"outcome": ..., "run_time_s": ...}`` to script a prompt over HTTP.
 """
 
@@ -18,6 +21,7 @@ from .model import OUTCOMES, Outcome
 
 __all__ = [
     "PromptRejected",
+    "check_graph",
     "check_run_time",
     "default_graph",
     "error_body",
@@ -32,9 +36,9 @@ JSON = Any
 class PromptRejected(ValueError):
     """A graph refused the way ``POST /prompt`` refuses it (HTTP 400, nothing queued)."""
 
-    def __init__(self, error: dict[str, JSON]) -> None:
+    def __init__(self, error: dict[str, JSON], node_errors: dict[str, JSON] | None = None) -> None:
         self.error = error
-        self.node_errors: dict[str, JSON] = {}
+        self.node_errors: dict[str, JSON] = dict(node_errors or {})
         super().__init__(f"{error['type']}: {error['message']}")
 
 
@@ -92,7 +96,13 @@ def _is_output_node(node: Mapping[str, JSON]) -> bool:
 
 
 def validate(graph: JSON) -> list[str]:
-    """The output node ids of a graph, or PromptRejected as ComfyUI's validate_prompt."""
+    """The output node ids that will run, or PromptRejected as ComfyUI's validate_prompt."""
+    return check_graph(graph)[0]
+
+
+def check_graph(graph: JSON) -> tuple[list[str], dict[str, JSON]]:
+    """The output node ids that will run and the ``node_errors`` of those left out, or
+    PromptRejected (no output left) as ComfyUI's validate_prompt."""
     if not isinstance(graph, dict):
         raise PromptRejected(
             error_body("invalid_prompt", "Cannot execute because the prompt is not an object.")
@@ -117,7 +127,59 @@ def validate(graph: JSON) -> list[str]:
     outputs = [str(node_id) for node_id, node in graph.items() if _is_output_node(node)]
     if not outputs:
         raise PromptRejected(error_body("prompt_no_outputs", "Prompt has no outputs"))
-    return outputs
+    good: list[str] = []
+    node_errors: dict[str, JSON] = {}
+    reasons: list[str] = []
+    for output in outputs:
+        missing = _missing_link(graph, output)
+        if missing is None:
+            good.append(output)
+            continue
+        # ComfyUI reads prompt[linked_id] unguarded: a KeyError, reported on the output.
+        error = {
+            "type": "exception_during_validation",
+            "message": "Exception when validating node",
+            "details": repr(missing),
+            "extra_info": {"exception_type": "KeyError", "traceback": []},
+        }
+        node_errors[output] = {
+            "errors": [error],
+            "dependent_outputs": [output],
+            "class_type": graph[output]["class_type"],
+        }
+        reasons.append(f"{error['message']}: {error['details']}")
+    if not good:
+        raise PromptRejected(
+            error_body(
+                "prompt_outputs_failed_validation",
+                "Prompt outputs failed validation",
+                "\n".join(reasons),
+            ),
+            node_errors,
+        )
+    return good, node_errors
+
+
+def _missing_link(graph: dict[str, JSON], start: str) -> JSON:
+    """The first linked node id upstream of ``start`` that is not in the graph, or None."""
+    seen = {start}
+    todo = [start]
+    while todo:
+        inputs = graph[todo.pop()].get("inputs")
+        if not isinstance(inputs, dict):
+            continue
+        for value in inputs.values():
+            if not isinstance(value, list) or len(value) != 2:
+                continue
+            linked = value[0]
+            if not isinstance(linked, str | int) or isinstance(linked, bool):
+                continue
+            if linked not in graph:
+                return linked
+            if linked not in seen:
+                seen.add(linked)
+                todo.append(linked)
+    return None
 
 
 def read_script(extra_data: Mapping[str, JSON], default_run_time_s: float) -> tuple[Outcome, float]:

@@ -24,7 +24,7 @@ from aiohttp.typedefs import Handler
 from .entries import OutputStore
 from .faults import internal_error
 from .model import QueuedPrompt, QueueModel
-from .prompts import PromptRejected, error_body, read_script, validate
+from .prompts import PromptRejected, check_graph, error_body, read_script
 
 __all__ = [
     "COMFYUI_VERSION",
@@ -189,7 +189,7 @@ class ComfyRoutes:
         if "client_id" in body:
             extra_data["client_id"] = body["client_id"]
         try:
-            outputs = validate(body["prompt"])
+            outputs, node_errors = check_graph(body["prompt"])
             outcome, run_time_s = read_script(extra_data, self._run_time_s())
         except PromptRejected as exc:
             return web.json_response(
@@ -205,7 +205,9 @@ class ComfyRoutes:
             run_time_s=run_time_s,
         )
         self._model.put(prompt)
-        return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": {}})
+        return web.json_response(
+            {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
+        )
 
     def _number(self, body: Mapping[str, JSON]) -> float:
         """The client's ``number``, or the next one (negative with ``front``), used up now."""
