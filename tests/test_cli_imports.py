@@ -14,7 +14,7 @@ from comfywatch.store import Store
 from .conftest import write_config
 
 #: Heavy imports that ``--version`` and ``--help`` do without.
-HEAVY = {"sqlalchemy", "alembic", "aiohttp", "pydantic", "aiosqlite", "structlog", "rich"}
+HEAVY = {"sqlalchemy", "alembic", "aiohttp", "pydantic", "aiosqlite", "structlog", "rich", "shtab"}
 
 
 def imported(*args: str, packages: bool = True) -> tuple[int, set[str], str]:
@@ -56,6 +56,8 @@ def imported(*args: str, packages: bool = True) -> tuple[int, set[str], str]:
                 "fake-server",
                 "submit",
                 "wait",
+                "watch",
+                "completion",
             )
         ),
         ["hooks", "retry", "--help"],

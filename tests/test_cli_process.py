@@ -106,7 +106,10 @@ def test_a_closed_stdout_changes_nothing_else(migrated: Path) -> None:
     assert (done.returncode, done.stderr) == (EX_PIPE, "")
     # No such job: said on stderr, nothing written to stdout, the usual status.
     done = closed_pipe_run("show", "x", "--config", str(migrated))
-    assert (done.returncode, done.stderr) == (1, "comfywatch: no job with prompt id 'x'\n")
+    assert (done.returncode, done.stderr) == (
+        1,
+        "comfywatch: no job with prompt id 'x' or an id starting with it\n",
+    )
 
 
 @pytest.mark.parametrize("args", [["--help"], ["show", "--help"], ["--version"]])

@@ -9,8 +9,9 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from sqlalchemy import Connection, text
@@ -28,6 +29,7 @@ from .receiver import Receiver
 from .test_hooks import webhook
 from .test_migrations import _diff
 
+T = TypeVar("T")
 ADMIN_URL = os.environ.get("COMFYWATCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -242,3 +244,47 @@ async def test_a_daemon_whose_lock_is_terminated_stops(pg_url: str, tmp_path: Pa
     assert lost["level"] == "error" and "lost the lock" in lost["error"]
     assert "lost the lock" in proc.stderr
     assert proc.named("daemon_stopped")
+
+
+async def test_prefix_and_live_reads_on_postgresql(pg_url: str) -> None:
+    """``show``'s prefix match (whatever the database's collation), and what ``watch``
+    reads, through the command line's read-only path."""
+    from comfywatch.store.reads import count_jobs, select_jobs_by_prefix, select_live
+
+    store = Store.open(pg_url)
+    try:
+        await store.migrate()
+        now = time.time()
+        ids = ["ab-1", "ab-2", "AB-3", "a%b", "zé-1", "zf"]
+        jobs = [NewJob("local", p, {}, (), "/srv/f.toml") for p in ids]
+        await store.register(jobs, now)
+        by_id = {j.prompt_id: j.id for j in await store.active_jobs()}
+        await store.record(
+            [
+                Change(by_id["ab-1"], JobState.RUNNING, started_at_s=now + 1),
+                Change(by_id["zf"], JobState.SUCCESS, Reason.FINISHED),
+            ],
+            now + 2,
+        )
+    finally:
+        await store.close()
+
+    async def query(fn: Callable[[Connection], T]) -> T:
+        return await asyncio.to_thread(read, pg_url, fn)  # read() runs its own loop
+
+    async def found(prefix: str) -> tuple[list[str], list[str]]:
+        match = await query(lambda conn: select_jobs_by_prefix(conn, prefix))
+        return [r.job.prompt_id for r in match.jobs], match.candidates
+
+    assert await found("ab") == ([], ["ab-1", "ab-2"])
+    assert await found("ab-2") == (["ab-2"], [])
+    assert await found("AB") == (["AB-3"], [])
+    assert await found("a%") == (["a%b"], [])
+    assert await found("zé") == (["zé-1"], [])
+    assert await found("x") == ([], [])
+    [running] = await query(lambda conn: select_live(conn, [JobState.RUNNING], limit=5))
+    assert running.prompt_id == "ab-1" and running.progress_max is None
+    [done] = await query(lambda c: select_live(c, [JobState.SUCCESS], limit=5, recent=True))
+    assert done.prompt_id == "zf" and done.source == "/srv/f.toml"
+    counts = await query(lambda conn: count_jobs(conn, [JobState.RUNNING, JobState.REGISTERED]))
+    assert counts == {("local", JobState.RUNNING): 1, ("local", JobState.REGISTERED): 4}

@@ -133,6 +133,7 @@ async def test_query_commands_never_migrate(tmp_path: Path) -> None:
     for args in (
         ["jobs"],
         ["show", "p1"],
+        ["watch"],
         ["hooks", "--json"],
         ["hooks", "retry", "--all-dead"],
         ["prune", "--older-than", "1d"],

@@ -18,13 +18,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from comfywatch.service import Daemon
 from comfywatch.testing import FakeComfyUI
 from comfywatch.web import start_http
 
-from .conftest import write_config
+from .conftest import Clock, write_config
 from .helpers import comfywatch
 
 WAIT_S = 20.0
@@ -269,3 +270,32 @@ async def test_unknown_paths_are_404(
     daemon = await make_daemon(write_config(tmp_path, {"local": fake.url}))
     base = await http(daemon)
     assert (await get(base + "/"))[0] == 404
+
+
+async def test_server_gauges_follow_each_poll(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon, clock: Clock
+) -> None:
+    """What ``comfywatch watch`` shows of a server: up, the queue length it last saw and
+    when it last polled; the queue length is dropped while the server does not answer."""
+    fake.hold_running()
+    running, waiting = fake.submit(), fake.submit()
+    await fake.wait_running(running)
+    jobs = [{"server": "local", "prompt_id": p} for p in (running, waiting)]
+    daemon = await make_daemon(write_config(tmp_path, {"local": fake.url}, jobs))
+    await daemon.poller.tick()
+    found = samples(generate_latest(daemon.metrics.registry).decode())
+    assert value(found, "comfywatch_server_up", server="local") == 1
+    assert value(found, "comfywatch_server_queue_remaining", server="local") == 2
+    polled_at = value(found, "comfywatch_server_last_poll_timestamp_seconds", server="local")
+    assert polled_at == clock.now
+
+    fake.inject("http_500")
+    async with asyncio.timeout(WAIT_S):
+        while value(found, "comfywatch_server_up", server="local") != 0:
+            clock.advance(120)  # past any backoff
+            await daemon.poller.tick()
+            found = samples(generate_latest(daemon.metrics.registry).decode())
+            await asyncio.sleep(0.05)  # past the poll interval on the monotonic clock
+    assert value(found, "comfywatch_server_queue_remaining", server="local") is None
+    polled_at = value(found, "comfywatch_server_last_poll_timestamp_seconds", server="local")
+    assert polled_at == clock.now

@@ -28,6 +28,13 @@ _HELP: Mapping[str, str] = {
         "it) to comfywatch's commit of the terminal state, on this host's monotonic clock."
     ),
     "comfywatch_server_up": "1 if the last poll of the server succeeded, else 0.",
+    "comfywatch_server_last_poll_timestamp_seconds": (
+        "Unix time of the last poll of the server, whatever its result."
+    ),
+    "comfywatch_server_queue_remaining": (
+        "Prompts running or waiting on the server (ComfyUI's queue_remaining), as last seen; "
+        "absent while unknown (the server not polled yet, or its last poll failed)."
+    ),
     "comfywatch_hook_attempts_total": (
         "Hook delivery attempts by hook and result (delivered, retry, dead)."
     ),
@@ -67,6 +74,10 @@ class Metrics:
             "comfywatch_detection_lag_seconds", _LAG_BUCKETS, "server"
         )
         self.server_reachable = self._gauge("comfywatch_server_up", "server")
+        self.server_last_poll = self._gauge(
+            "comfywatch_server_last_poll_timestamp_seconds", "server"
+        )
+        self.server_queue_remaining = self._gauge("comfywatch_server_queue_remaining", "server")
         self.deliveries = self._counter("comfywatch_hook_attempts_total", "hook", "result")
         self.deliveries_by_state = self._gauge("comfywatch_hook_deliveries", "hook", "state")
         self.oldest_active = self._gauge(
@@ -109,6 +120,21 @@ class Metrics:
         self.reload_ok.set(1 if ok else 0)
         if ok:
             self.reload_ok_at.set(now_s)
+
+    def server_polled(self, server: str, up: bool, now_s: float) -> None:
+        """A poll of ``server`` ended at ``now_s`` (epoch seconds), successful or not."""
+        self.server_up(server, up)
+        self.server_last_poll.labels(server).set(now_s)
+        if not up:
+            self.server_queue(server, None)
+
+    def server_queue(self, server: str, remaining: int | None) -> None:
+        """The server's queue length as last seen (``None``: unknown)."""
+        if remaining is not None:
+            self.server_queue_remaining.labels(server).set(remaining)
+            return
+        with contextlib.suppress(KeyError):  # never set
+            self.server_queue_remaining.remove(server)
 
     def job_finished(self, server: str, state: JobState, lag_s: float | None) -> None:
         self.jobs_finished.labels(server, state.value).inc()

@@ -214,6 +214,8 @@ class Poller:
             self._health.socket_changed(server, up=False)
         elif remaining is not None:
             watch.socket_count(remaining, self._clock.mono())
+            if self._metrics is not None:
+                self._metrics.server_queue(server, remaining)
         if not self._open.on(server):
             return False
         return watch.need_tail or watch.need_queue is not None
@@ -423,6 +425,8 @@ class Poller:
             if self._metrics is not None:
                 self._metrics.poll_latency(server, self._clock.mono() - started)
         self._health.succeeded(server, _look(polled), now_s, started)
+        if self._metrics is not None:
+            self._metrics.server_queue(server, watch.count)
         self._report_unreadable(server, polled)
         recheck = self._recheck[server]
         recheck.difference_update(polled.histories)

@@ -2,10 +2,10 @@
 
 A failing server is backed off (exponential, jittered, capped; at once to the cap when it
 refuses our credentials) on the monotonic clock, so a step of the wall clock never delays
-the next poll; an outage is logged once per episode and its end once. Every
-poll's result goes to the ``comfywatch_polls_total`` and ``comfywatch_server_up`` metrics,
-and to the restart evidence (:mod:`comfywatch.restarts`), with the WebSocket's connections
-and drops.
+the next poll; an outage is logged once per episode and its end once. Every poll's result
+goes to the ``comfywatch_polls_total``, ``comfywatch_server_up`` and
+``comfywatch_server_last_poll_timestamp_seconds`` metrics, and to the restart evidence
+(:mod:`comfywatch.restarts`), with the WebSocket's connections and drops.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class ServerHealthBook:
         health.next_poll_mono_s = 0.0
         if self._metrics is not None:
             self._metrics.poll(server, "ok")
-            self._metrics.server_up(server, True)
+            self._metrics.server_polled(server, True, now_s)
 
     def failed(
         self,
@@ -167,4 +167,4 @@ class ServerHealthBook:
         health.restart = poll_failed(health.restart)
         if self._metrics is not None:
             self._metrics.poll(server, exc.kind)
-            self._metrics.server_up(server, False)
+            self._metrics.server_polled(server, False, now_s)

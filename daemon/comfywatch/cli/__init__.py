@@ -4,9 +4,9 @@ Light on purpose: ``--version`` and ``--help`` import argparse and the state nam
 Each command group's module is imported when one of its commands runs: ``daemon`` (run,
 check-config, migrate), ``jobs`` (jobs, show), ``hooks``, ``prune``, ``health``
 (healthcheck), ``register`` (a spool file), ``submit`` (a workflow, then a spool file),
-``wait``, ``secret`` (hooks new-secret) and ``fake`` (fake-server). The queries read the
-database without Alembic (:mod:`comfywatch.store.readonly`); only the daemon and
-``fake-server`` need aiohttp.
+``wait``, ``secret`` (hooks new-secret), ``live`` (watch: rich), ``completion`` (shtab) and
+``fake`` (fake-server). The queries read the database without Alembic
+(:mod:`comfywatch.store.readonly`); only the daemon and ``fake-server`` need aiohttp.
 
 A reader that stops early (``comfywatch jobs --json | head -1``) ends the command quietly
 with exit status 141, as a Unix tool killed by SIGPIPE reports in a shell.
@@ -101,6 +101,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from comfywatch.cli import wait
 
         return wait.wait(args)
+    if command == "watch":
+        from comfywatch.cli import live
+
+        return live.watch(args)
+    if command == "completion":
+        from comfywatch.cli import completion
+
+        return completion.completion(args)
     if command == "fake-server":
         from comfywatch.cli import fake
 

@@ -70,21 +70,27 @@ example:
     "jobs": (
         """\
 List tracked jobs, newest registration first: a table, or a JSON array with --json (the
-objects of `show --json`). The filters combine: all must match. The database is read
-only, never changed.""",
+objects of `show --json`). The table shows the last progress, when each job was
+registered, queued, started and finished (UTC) and how long it ran. The filters combine:
+all must match. --watch redraws the table until Ctrl-C. The database is read only, never
+changed.""",
         """\
 examples:
   comfywatch jobs --state error --state timeout
   comfywatch jobs --server local --label batch=catalog-42 --limit 20
+  comfywatch jobs --state running --watch --interval 1
   comfywatch jobs --json | jq -r '.[] | select(.state == "success") | .prompt_id'""",
     ),
     "show": (
         """\
-Show one job in full: its states and times, the error of a failed prompt, its outputs
-and its hook deliveries.""",
+Show one job in full: its states and times, its source (the file or command that
+registered it), its last progress, the error of a failed prompt, its outputs and its
+hook deliveries. A unique prefix of the prompt id is enough, as with git: an ambiguous
+one lists the candidates (exit status 2), an unknown one is exit status 1.""",
         """\
 examples:
   comfywatch show 35bd62e6-a6fd-4a32-84d4-365d80bd79d5
+  comfywatch show 35bd62e6
   comfywatch show 35bd62e6-a6fd-4a32-84d4-365d80bd79d5 --server gpu-2 --json""",
     ),
     "hooks": (
@@ -173,6 +179,27 @@ would go and what is kept, and changes nothing.""",
 examples:
   comfywatch prune --older-than 30d --dry-run
   comfywatch prune --older-than 12h""",
+    ),
+    "watch": (
+        """\
+A live view, redrawn every --interval: each server (up or down, queue length, last poll,
+from the daemon's /metrics) and the running, waiting and recently finished jobs, with
+their progress (from the database, read-only). q or Ctrl-C quits.""",
+        """\
+examples:
+  comfywatch watch
+  comfywatch watch --interval 0.5 --recent 20 --metrics-url http://127.0.0.1:9108/metrics""",
+    ),
+    "completion": (
+        """\
+Print a completion script for SHELL (bash, zsh or fish), generated from this command
+line: commands, options, state names and file names complete with Tab.""",
+        """\
+examples:
+  source <(comfywatch completion bash)                  # this shell only
+  comfywatch completion bash > ~/.local/share/bash-completion/completions/comfywatch
+  comfywatch completion zsh > "${fpath[1]}/_comfywatch"
+  comfywatch completion fish > ~/.config/fish/completions/comfywatch.fish""",
     ),
     "fake-server": (
         """\

@@ -117,9 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jobs.add_argument("--limit", type=_limit, default=None, metavar="N", help=_LIMIT_HELP)
     jobs.add_argument("--json", action="store_true", help="print a JSON array")
+    jobs.add_argument(
+        "--watch", action="store_true", help="redraw the table every --interval until Ctrl-C"
+    )
+    jobs.add_argument(
+        "--interval",
+        type=_positive_s,
+        default=2.0,
+        metavar="S",
+        help="seconds between redraws with --watch (default 2)",
+    )
 
     show = sub.add_parser("show", parents=[common], help="show one job in full")
-    show.add_argument("prompt_id", help="the prompt id ComfyUI gave")
+    show.add_argument(
+        "prompt_id", metavar="PROMPT_ID", help="a prompt id, or a prefix of exactly one"
+    )
     show.add_argument(
         "--server", metavar="NAME", help="the job's server, when the id is tracked on several"
     )
@@ -162,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _add_fake_server(sub)
+    _add_watch(sub, common)
+    _add_completion(sub)
     describe(parser)
     return parser
 
@@ -223,6 +237,45 @@ def _positive_s(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value
+
+
+def _add_watch(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``comfywatch watch``: the live terminal view."""
+    watch = sub.add_parser(
+        "watch",
+        parents=[common],
+        help="a live view of the servers and of running and recent jobs",
+    )
+    watch.add_argument(
+        "--interval",
+        type=_positive_s,
+        default=1.0,
+        metavar="S",
+        help="seconds between redraws (default 1)",
+    )
+    watch.add_argument(
+        "--recent",
+        type=_count,
+        default=10,
+        metavar="N",
+        help="finished jobs shown, newest first (default 10)",
+    )
+    watch.add_argument(
+        "--metrics-url",
+        metavar="URL",
+        help='the daemon\'s /metrics (default: from [daemon] http; "" for none)',
+    )
+
+
+def _add_completion(sub: Any) -> None:
+    """``comfywatch completion SHELL``: a completion script generated from this grammar."""
+    completion = sub.add_parser(
+        "completion",
+        help="print a shell completion script (bash, zsh or fish)",
+    )
+    completion.add_argument(
+        "shell", choices=["bash", "zsh", "fish"], help="the shell to complete in"
+    )
 
 
 def _add_submit(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, Connection, Select, and_, func, select
 
 from comfywatch.history import OutputRecord
-from comfywatch.states import ACTIVE_STATES, DeliveryState
+from comfywatch.states import ACTIVE_STATES, DeliveryState, JobState
 from comfywatch.store.rows import chunks, utc
 from comfywatch.store.tables import hook_deliveries, job_outputs, jobs
 from comfywatch.store.values import (
@@ -96,6 +96,86 @@ def select_job_rows(
             query = query.where(c.server == server)
         rows.extend(_job_row(_JOB_FIELDS, row) for row in conn.execute(query))
     return rows
+
+
+def match_prompt_ids(
+    conn: Connection, prefix: str, *, server: str | None = None, limit: int | None = None
+) -> list[str]:
+    """The prompt ids that start with ``prefix`` (case sensitive), each once, in order:
+    the candidates of an abbreviated id."""
+    c = _JOBS.c
+    query = (
+        select(c.prompt_id)
+        .distinct()
+        .where(func.substr(c.prompt_id, 1, len(prefix)) == prefix)
+        .order_by(c.prompt_id)
+    )
+    if conn.dialect.name == "sqlite" and prefix:
+        # SQLite compares text byte by byte (UTF-8 keeps code point order), so the ids
+        # starting with the prefix are one range of ix_jobs_prompt_id. Other databases
+        # may sort by a locale: there the substring test alone decides.
+        query = query.where(c.prompt_id >= prefix)
+        last = ord(prefix[-1])
+        if last < 0x10FFFF:
+            after = last + 1 if not 0xD800 <= last + 1 <= 0xDFFF else 0xE000
+            query = query.where(c.prompt_id < prefix[:-1] + chr(after))
+    if server is not None:
+        query = query.where(c.server == server)
+    if limit is not None:
+        query = query.limit(limit)
+    return list(conn.execute(query).scalars())
+
+
+class PrefixMatch(NamedTuple):
+    """What :func:`select_jobs_by_prefix` found."""
+
+    #: The jobs of the one prompt id meant (several: it is tracked on several servers).
+    jobs: list[JobRecord]
+    #: The prompt ids starting with the prefix when there are several (``jobs`` is then
+    #: empty); at most ``limit``.
+    candidates: list[str]
+
+
+def select_jobs_by_prefix(
+    conn: Connection, text: str, *, server: str | None = None, limit: int = 10
+) -> PrefixMatch:
+    """The jobs whose prompt id is ``text``, else those whose prompt id starts with it if
+    that is one prompt id (as git takes an abbreviated commit), with outputs and
+    deliveries; else the candidates."""
+    flt = JobFilter(prompt_id=text, server=server)
+    records = select_jobs(conn, flt, with_deliveries=True)
+    if records or not text:
+        return PrefixMatch(records, [])
+    found = match_prompt_ids(conn, text, server=server, limit=limit)
+    if len(found) != 1:
+        return PrefixMatch([], found)
+    flt = JobFilter(prompt_id=found[0], server=server)
+    return PrefixMatch(select_jobs(conn, flt, with_deliveries=True), [])
+
+
+def select_live(
+    conn: Connection, states: Sequence[JobState], *, limit: int, recent: bool = False
+) -> list[JobRow]:
+    """Jobs in ``states`` (their last progress included): oldest registration first, or
+    with ``recent`` the latest finished first (for terminal states)."""
+    c = _JOBS.c
+    query = select(*(c[name] for name in _JOB_FIELDS)).where(c.state.in_(list(states)))
+    if recent:
+        query = query.where(c.finished_at.is_not(None)).order_by(c.finished_at.desc(), c.id.desc())
+    else:
+        query = query.order_by(c.registered_at, c.id)
+    return [_job_row(_JOB_FIELDS, row) for row in conn.execute(query.limit(limit))]
+
+
+def count_jobs(conn: Connection, states: Sequence[JobState]) -> dict[tuple[str, JobState], int]:
+    """How many jobs each server has in each of ``states``."""
+    c = _JOBS.c
+    query = (
+        select(c.server, c.state, func.count())
+        .where(c.state.in_(list(states)))
+        .group_by(c.server, c.state)
+    )
+    return {(server, state): count for server, state, count in conn.execute(query)}
 
 
 def select_deliveries(
