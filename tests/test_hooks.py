@@ -24,6 +24,7 @@ import structlog
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
+from comfywatch.clock import SYSTEM_CLOCK
 from comfywatch.config import CommandHookSettings, HookSettings, WebhookHookSettings
 from comfywatch.hooks import (
     NOT_CONFIGURED,
@@ -56,14 +57,14 @@ async def dispatchers(store: Store, clock: Clock) -> AsyncIterator[Callable[...,
         *,
         concurrency: int = 4,
         metrics: Metrics | None = None,
-        clock_fn: Callable[[], float] | None = None,
+        real_clock: bool = False,
     ) -> HookDispatcher:
         dispatcher = HookDispatcher(
             store=store,
             hooks=hooks,
             concurrency=concurrency,
             metrics=metrics,
-            clock=clock_fn or clock,
+            clock=SYSTEM_CLOCK if real_clock else clock,
         )
         made.append(dispatcher)
         return dispatcher
@@ -319,6 +320,28 @@ async def test_retries_on_schedule_with_one_webhook_id(
     assert attempts_counted(metrics, "delivered") == 1
 
 
+async def test_wall_clock_set_back_does_not_delay_a_retry(
+    store: Store, clock: Clock, receivers: Any, dispatchers: Any
+) -> None:
+    """The wall clock is set back an hour after a failed attempt: the retry is still sent
+    once its delay has passed on the monotonic clock. Another dispatcher (a restart) only
+    has the stored wall time, an hour ahead now."""
+    receiver = await receivers([500, 200])
+    await finished_job(store, clock)
+    dispatcher = dispatchers(webhook(receiver.url, schedule=(10.0,)))
+    assert await dispatcher.run_once() == 1
+    first = await only_delivery(store)
+    assert (first.state, first.attempts) == ("pending", 1)
+
+    clock.step_wall(-3600)
+    clock.advance(11.1)  # past the latest jittered delay, on both clocks
+    assert await dispatchers(webhook(receiver.url, schedule=(10.0,))).run_once() == 0
+    assert await dispatcher.run_once() == 1
+    done = await only_delivery(store)
+    assert (done.state, done.attempts, done.last_status_code) == ("delivered", 2, 200)
+    assert len(receiver.requests) == 2
+
+
 async def test_receiver_down_goes_dead_then_revived(
     store: Store, clock: Clock, receivers: Any, dispatchers: Any
 ) -> None:
@@ -473,11 +496,31 @@ async def test_concurrency_is_bounded(
 async def test_run_wakes_retries_and_stops(store: Store, receivers: Any, dispatchers: Any) -> None:
     """run() sleeps until woken, retries when due (real clock, tiny schedule), then stops."""
     receiver = await receivers([500, 200])
-    dispatcher = dispatchers(webhook(receiver.url, schedule=(0.05,)), clock_fn=time.time)
+    dispatcher = dispatchers(webhook(receiver.url, schedule=(0.05,)), real_clock=True)
     stop = asyncio.Event()
     runner = asyncio.create_task(dispatcher.run(stop))
     await finished_job(store, time.time)  # created while run() idles
     dispatcher.wake()
+    await receiver.wait_until(lambda: len(receiver.requests) == 2)
+    stop.set()
+    async with asyncio.timeout(WAIT_S):
+        await runner
+    delivery = await only_delivery(store)
+    assert (delivery.state, delivery.attempts) == ("delivered", 2)
+
+
+async def test_run_retries_on_the_monotonic_clock(
+    store: Store, clock: Clock, receivers: Any, dispatchers: Any
+) -> None:
+    """run() with the wall clock set back an hour after a failure (and standing still
+    since): the retry goes out once its delay has passed on the monotonic clock."""
+    receiver = await receivers([500, 200])
+    await finished_job(store, clock)
+    dispatcher = dispatchers(webhook(receiver.url, schedule=(0.2,)))
+    stop = asyncio.Event()
+    runner = asyncio.create_task(dispatcher.run(stop))
+    await receiver.wait_until(lambda: len(receiver.requests) == 1)
+    clock.step_wall(-3600)  # as the failure is answered or just after: the same
     await receiver.wait_until(lambda: len(receiver.requests) == 2)
     stop.set()
     async with asyncio.timeout(WAIT_S):
@@ -492,7 +535,7 @@ async def test_stop_lets_the_attempt_in_flight_finish(
     """On stop, run() waits for the running attempt (bounded by its timeout): no orphans."""
     receiver = await receivers(hang=True)
     await finished_job(store, time.time)
-    dispatcher = dispatchers(webhook(receiver.url, timeout_s=0.2), clock_fn=time.time)
+    dispatcher = dispatchers(webhook(receiver.url, timeout_s=0.2), real_clock=True)
     stop = asyncio.Event()
     runner = asyncio.create_task(dispatcher.run(stop))
     await receiver.wait_until(lambda: len(receiver.requests) == 1)

@@ -21,6 +21,8 @@ import pytest
 import structlog
 from aiohttp import web
 
+from comfywatch.clock import SYSTEM_CLOCK
+from comfywatch.clock import Clock as ClockLike
 from comfywatch.config import HookSettings, WebhookHookSettings
 from comfywatch.hooks import HookDispatcher
 from comfywatch.states import DeliveryState, JobState, Reason
@@ -66,7 +68,7 @@ async def dispatchers(store: Store) -> AsyncIterator[Callable[..., HookDispatche
     made: list[HookDispatcher] = []
 
     def make(
-        hooks: dict[str, HookSettings], *, clock: Callable[[], float] = time.time, **kwargs: Any
+        hooks: dict[str, HookSettings], *, clock: ClockLike = SYSTEM_CLOCK, **kwargs: Any
     ) -> HookDispatcher:
         dispatcher = HookDispatcher(store=store, hooks=hooks, clock=clock, **kwargs)
         made.append(dispatcher)
@@ -186,7 +188,7 @@ async def test_results_the_database_cannot_take_are_kept_not_sent_again(
     store = Store.open("sqlite:///" + str(db_path))
     receiver = await receivers()
     dispatcher = HookDispatcher(
-        store=store, hooks=webhook(receiver.url), concurrency=4, clock=time.time, claim_size=8
+        store=store, hooks=webhook(receiver.url), concurrency=4, claim_size=8
     )
     try:
         await store.migrate()

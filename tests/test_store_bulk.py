@@ -182,3 +182,11 @@ async def test_due_batch_leaves_out_what_is_held_and_tells_the_next(store: Store
     everything = await store.due_batch(NOW_S + 1, 100, skip_ids=held)
     assert [d.delivery.id for d in everything.deliveries] == [r.id for r in rows[4:-1]]
     assert everything.next_at is not None and everything.next_at.timestamp() == NOW_S + 50
+
+    # Named as due (its delay passed on the dispatcher's monotonic clock): taken whatever
+    # its stored time, but only if pending and not left out.
+    named = await store.due_batch(NOW_S + 1, 100, skip_ids=held, due_ids=[later.id, rows[0].id])
+    assert [d.delivery.id for d in named.deliveries] == [*(r.id for r in rows[4:-1]), later.id]
+    assert named.next_at is None
+    left_out = await store.due_batch(NOW_S + 1, 100, skip_hooks=["b"], due_ids=[later.id])
+    assert later.id not in [d.delivery.id for d in left_out.deliveries]

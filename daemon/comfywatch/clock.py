@@ -2,11 +2,12 @@
 
 - ``wall()``: epoch seconds. Every stored timestamp, and every decision made on stored
   timestamps (``queue_timeout_s``, ``run_timeout_s``, ``not_found_after_s``, a hook
-  delivery's ``next_attempt_at``, retention), is on this clock.
+  delivery's stored ``next_attempt_at``, retention), is on this clock.
 - ``mono()``: seconds that only go forward. Everything scheduled in memory is on this
   clock: a server's backoff, the next probe or queue read, the loop's sleeps, the gauges'
-  and pruning's intervals, detection lag. A step of the wall clock (NTP, a suspended VM, an
-  operator) then delays none of them.
+  and pruning's intervals, detection lag, and the hook retries a dispatcher scheduled
+  itself (also due once their delay has passed here). A step of the wall clock (NTP, a
+  suspended VM, an operator) then delays none of them within the process's lifetime.
 
 Only times of one clock are ever subtracted from each other.
 """

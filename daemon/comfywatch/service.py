@@ -168,7 +168,7 @@ class Daemon:
             hooks=settings.hooks,
             concurrency=d.hook_concurrency,
             metrics=self.metrics,
-            clock=clock.wall,
+            clock=clock,
             look_every_s=d.poll_interval_s,
         )
 

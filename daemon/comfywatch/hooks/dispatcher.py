@@ -12,20 +12,26 @@ retry``) go out within that time.
 A delivery is held in memory from its claim until its outcome is recorded, and left out of
 later claims meanwhile: never attempted twice at once, nor again because its result waits
 for the database. Logs and metrics of an attempt follow the commit of its result.
+
+A retry is due when its stored ``next_attempt_at`` (wall clock) has passed, or, for a retry
+this dispatcher scheduled itself, once its delay has passed on the monotonic clock: setting
+the wall clock back delays no retry while the process runs. After a restart only the stored
+time is left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import Callable, Coroutine, Mapping
+import heapq
+from collections.abc import Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
+from comfywatch.clock import SYSTEM_CLOCK, Clock
 from comfywatch.config import HookSettings
 from comfywatch.errors import StoreError
 from comfywatch.hooks.attempt import Attempts, Outcome
@@ -55,10 +61,50 @@ def _at(ts_s: float) -> datetime:
     return datetime.fromtimestamp(ts_s, tz=UTC)
 
 
+class _RetryTimers:
+    """The retries this dispatcher scheduled, by delivery id: their due times on the
+    monotonic clock, then, once passed, ``ripe`` (asked for with every claim until claimed,
+    since a full hook or a full batch may leave them out)."""
+
+    def __init__(self) -> None:
+        self._due: dict[int, float] = {}
+        self._heap: list[tuple[float, int]] = []  # may hold stale entries (lazy removal)
+        self.ripe: set[int] = set()
+
+    def set(self, delivery_id: int, due_mono_s: float) -> None:
+        self.ripe.discard(delivery_id)
+        self._due[delivery_id] = due_mono_s
+        heapq.heappush(self._heap, (due_mono_s, delivery_id))
+
+    def due_at(self, delivery_id: int) -> float | None:
+        return self._due.get(delivery_id)
+
+    def earliest(self) -> float | None:
+        """The earliest due time not passed yet when last ripened."""
+        heap = self._heap
+        while heap and self._due.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def ripen(self, mono_s: float) -> None:
+        """Move the retries due at ``mono_s`` to ``ripe``."""
+        while (earliest := self.earliest()) is not None and earliest <= mono_s:
+            _, delivery_id = heapq.heappop(self._heap)
+            del self._due[delivery_id]
+            self.ripe.add(delivery_id)
+
+    def drop(self, ids: Collection[int]) -> None:
+        for delivery_id in ids:
+            self._due.pop(delivery_id, None)
+            self.ripe.discard(delivery_id)
+
+
 @dataclass
 class _Claims:
-    """When to ask the outbox for due deliveries again."""
+    """When to ask the outbox for due deliveries again. Times named ``mono`` are on the
+    monotonic clock, ``now_s`` on the wall clock."""
 
+    retries: _RetryTimers
     needed: bool = True
     #: The due time of the earliest pending delivery not held (None: none is pending).
     next_due: datetime | None = None
@@ -70,30 +116,37 @@ class _Claims:
     look_every_s: float | None = None
     looked_at: float = 0.0
 
-    def due(self, now_s: float) -> bool:
-        if time.monotonic() < self.retry_at:
+    def due(self, now_s: float, mono_s: float) -> bool:
+        if mono_s < self.retry_at:
             return False
-        if self.look_every_s is not None and time.monotonic() >= self._next_look():
+        if self.look_every_s is not None and mono_s >= self._next_look():
             return True
-        return self.needed or (self.next_due is not None and self.next_due <= _at(now_s))
+        retry = self.retries.earliest()
+        return (
+            self.needed
+            or (self.next_due is not None and self.next_due <= _at(now_s))
+            or (retry is not None and retry <= mono_s)
+        )
 
-    def delay(self, now_s: float) -> float:
-        if time.monotonic() < self.retry_at:
-            return self.retry_at - time.monotonic()
+    def delay(self, now_s: float, mono_s: float) -> float:
+        if mono_s < self.retry_at:
+            return self.retry_at - mono_s
         if self.needed:
             return 0.0
         delays = [MAX_IDLE_S]
         if self.next_due is not None:
             delays.append(max(MIN_SLEEP_S, self.next_due.timestamp() - now_s))
+        if (retry := self.retries.earliest()) is not None:
+            delays.append(max(MIN_SLEEP_S, retry - mono_s))
         if self.look_every_s is not None:
-            delays.append(max(MIN_SLEEP_S, self._next_look() - time.monotonic()))
+            delays.append(max(MIN_SLEEP_S, self._next_look() - mono_s))
         return min(delays)
 
     def _next_look(self) -> float:
         return self.looked_at + min(self.look_every_s or MAX_IDLE_S, MAX_IDLE_S)
 
-    def claimed(self, batch: DueBatch, *, skipped: set[str]) -> None:
-        self.looked_at = time.monotonic()
+    def claimed(self, batch: DueBatch, *, skipped: set[str], mono_s: float) -> None:
+        self.looked_at = mono_s
         self.needed = False
         self.next_due = batch.next_at
         self.skipped_hooks = frozenset(skipped)
@@ -110,7 +163,7 @@ class _Work:
 
     lanes: Lanes
     recorder: Recorder
-    claims: _Claims = field(default_factory=_Claims)
+    claims: _Claims
     #: run_once: deliveries attempted in this pass and due again within it (not repeated).
     handled: set[int] = field(default_factory=set)
     attempts: int = 0
@@ -122,11 +175,11 @@ class _Work:
     def can_start(self) -> bool:
         return self.recorder.held < MAX_UNRECORDED
 
-    def delay(self, now_s: float, *, claims: bool = True) -> float:
+    def delay(self, now_s: float, mono_s: float, *, claims: bool = True) -> float:
         """How long to sleep when nothing finishes: until a claim or a recording is due."""
         delays = [MAX_IDLE_S]
         if claims and self.can_start():
-            delays.append(self.claims.delay(now_s))
+            delays.append(self.claims.delay(now_s, mono_s))
         flush_in = self.recorder.flush_in(now=not self.lanes.running)
         if flush_in is not None:
             delays.append(flush_in)
@@ -143,7 +196,7 @@ class HookDispatcher:
         hooks: Mapping[str, HookSettings],
         concurrency: int,
         metrics: Metrics | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         claim_size: int = CLAIM_SIZE,
         look_every_s: float = MAX_IDLE_S,
     ) -> None:
@@ -159,7 +212,9 @@ class HookDispatcher:
         self._work: _Work | None = None  # run()'s
         self._metrics = metrics
         self._clock = clock
-        self._attempts = Attempts(clock=clock)
+        self._attempts = Attempts(clock=clock.wall)
+        #: Retries scheduled by this dispatcher, due on the monotonic clock (this process).
+        self._retries = _RetryTimers()
         self._wake = asyncio.Event()  # new deliveries may be due: claim
         self._nudge = asyncio.Event()  # something to look at: woken, finished, stopped
         self._lanes: list[Lanes] = []  # those of the runs in progress (reconfigured live)
@@ -216,16 +271,15 @@ class HookDispatcher:
         stop_watch.add_done_callback(lambda _: self._nudge.set())
         try:
             while not stop.is_set():
-                now_s = self._clock()
                 try:
-                    await self._claim_if_due(work, now_s)
+                    await self._claim_if_due(work, self._clock.wall(), self._clock.mono())
                 except StoreError as exc:
                     log.error("hook_outbox_unreadable", error=str(exc), retry_in_s=STORE_RETRY_S)
-                    work.claims.retry_at = time.monotonic() + STORE_RETRY_S
+                    work.claims.retry_at = self._clock.mono() + STORE_RETRY_S
                 if stop.is_set():
                     break  # set while claiming: start nothing new
                 self._advance(work)
-                await self._sleep(work.delay(self._clock()))
+                await self._sleep(work.delay(self._clock.wall(), self._clock.mono()))
                 self._collect(work)
         except BaseException:
             await self._abandon(work)
@@ -240,18 +294,21 @@ class HookDispatcher:
         """Send every delivery due now (each at most once), wait for their outcomes to be
         recorded; returns how many attempts were made. Raises :class:`StoreError` if the
         outbox cannot be read (outcomes that cannot be recorded are tried again)."""
-        now_s = self._clock()
+        now_s, mono_s = self._clock.wall(), self._clock.mono()
         work = self._new_work()
         try:
             while True:
-                await self._claim_if_due(work, now_s)
+                await self._claim_if_due(work, now_s, mono_s)
                 self._advance(work)
-                if not work.busy and not work.claims.due(now_s):
+                if not work.busy and not work.claims.due(now_s, mono_s):
                     return work.attempts
-                await self._sleep(work.delay(now_s, claims=False))
+                await self._sleep(work.delay(now_s, mono_s, claims=False))
                 for outcome in self._collect(work):
                     again_s = outcome.verdict.next_attempt_s
-                    if again_s is not None and again_s <= now_s:
+                    again_mono = self._retries.due_at(outcome.delivery_id)
+                    if (again_s is not None and again_s <= now_s) or (
+                        again_mono is not None and again_mono <= mono_s
+                    ):
                         work.handled.add(outcome.delivery_id)  # due again: not in this pass
         finally:
             await self._finish(work)
@@ -264,11 +321,13 @@ class HookDispatcher:
         recorder = Recorder(self._store, flush_s=FLUSH_S, flush_size=FLUSH_SIZE, on_done=on_done)
         lanes = Lanes(self._concurrency, on_done=on_done)
         self._lanes.append(lanes)
-        return _Work(lanes, recorder)
+        return _Work(lanes, recorder, _Claims(self._retries))
 
-    async def _claim_if_due(self, work: _Work, now_s: float) -> None:
+    async def _claim_if_due(self, work: _Work, now_s: float, mono_s: float) -> None:
         """Claim due deliveries if the outbox may hold some that are not held yet. Hooks
-        with enough waiting are left out, and so is every delivery held."""
+        with enough waiting are left out, and so is every delivery held. Due are those
+        whose stored time has passed on the wall clock (``now_s``) and the retries this
+        dispatcher scheduled whose delay has passed on the monotonic clock (``mono_s``)."""
         claims = work.claims
         if self._wake.is_set():
             self._wake.clear()
@@ -276,16 +335,26 @@ class HookDispatcher:
         full = work.lanes.full_hooks()
         if claims.skipped_hooks - full:
             claims.needed = True  # a hook left out last time has room again
-        if not work.can_start() or not claims.due(now_s):
+        if not work.can_start() or not claims.due(now_s, mono_s):
             return
         skip = {
             *work.lanes.held_ids(except_hooks=full),
             *work.recorder.held_ids(except_hooks=full),
             *work.handled,
         }
-        batch = await self._store.due_batch(now_s, self._claim_size, skip_ids=skip, skip_hooks=full)
+        retries = self._retries
+        retries.ripen(mono_s)
+        ripe = sorted(retries.ripe - skip)
+        batch = await self._store.due_batch(
+            now_s, self._claim_size, skip_ids=skip, skip_hooks=full, due_ids=ripe
+        )
         work.lanes.add(batch.deliveries)
-        claims.claimed(batch, skipped=full)
+        claims.claimed(batch, skipped=full, mono_s=mono_s)
+        retries.drop([due.delivery.id for due in batch.deliveries])
+        if len(batch.deliveries) == self._claim_size:
+            claims.needed = bool(retries.ripe)  # more may be due than the batch held
+        elif not full:
+            retries.drop(ripe)  # not returned: no longer pending (finished elsewhere)
 
     def _advance(self, work: _Work) -> None:
         """Start attempts in free slots; start a recording if one is due."""
@@ -330,6 +399,8 @@ class HookDispatcher:
             )
             if verdict.next_attempt_s is not None:
                 work.claims.earlier(verdict.next_attempt_s)
+            if verdict.retry_in_s is not None:
+                self._retries.set(outcome.delivery_id, self._clock.mono() + verdict.retry_in_s)
 
     @staticmethod
     async def _abandon(work: _Work) -> None:

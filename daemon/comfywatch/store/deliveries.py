@@ -10,7 +10,17 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, Table, and_, bindparam, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    func,
+    or_,
+    select,
+    update,
+)
 
 from comfywatch.states import DeliveryState
 from comfywatch.store.engine import Database
@@ -74,17 +84,23 @@ class DeliveryQueries(Database):
         *,
         skip_ids: Collection[int] = (),
         skip_hooks: Collection[str] = (),
+        due_ids: Collection[int] = (),
     ) -> DueBatch:
         """Up to ``limit`` pending deliveries due at ``now_s``, oldest first, each with its
         job and the job's outputs, and when the next other one is due; in one read
         transaction. ``skip_ids`` and the deliveries of ``skip_hooks`` are left out (the
-        hook dispatcher holds them already)."""
+        hook dispatcher holds them already). ``due_ids`` are due whatever their
+        ``next_attempt_at`` says, if still pending (retries whose delay the dispatcher saw
+        pass on the monotonic clock)."""
         due = _pending(skip_ids, skip_hooks)
+        time_has_come = HookDelivery.next_attempt_at <= utc(now_s)
+        if due_ids:
+            time_has_come = or_(time_has_come, HookDelivery.id.in_(list(due_ids)))
         async with self._session(read_only=True) as session:
             rows = (
                 await session.execute(
                     _with_job()
-                    .where(*due, HookDelivery.next_attempt_at <= utc(now_s))
+                    .where(*due, time_has_come)
                     .order_by(HookDelivery.next_attempt_at, HookDelivery.id)
                     .limit(limit)
                 )
