@@ -20,12 +20,14 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncSession
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 log = structlog.get_logger("comfywatch.store")
 
@@ -172,6 +174,7 @@ class ThreadListener:
         self._url = url
         self._handlers = handlers
         self._ready = threading.Event()
+        self._listener: ChangeListener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._main, name="comfywatch-listen", daemon=True)
@@ -180,6 +183,12 @@ class ThreadListener:
         """Start listening; whether it listens within ``ready_within_s``."""
         self._thread.start()
         return self._ready.wait(ready_within_s)
+
+    @property
+    def listening(self) -> bool:
+        """Whether notifications are heard now (not while the connection is down)."""
+        listener = self._listener
+        return listener is not None and listener.connected.is_set()
 
     def close(self) -> None:
         loop, stop = self._loop, self._stop
@@ -193,9 +202,9 @@ class ThreadListener:
         async def run() -> None:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            listener = ChangeListener(
+            self._listener = ChangeListener(
                 self._url, self._handlers, on_connected=self._ready.set, quiet=True
             )
-            await listener.run(self._stop)
+            await self._listener.run(self._stop)
 
         asyncio.run(run())
