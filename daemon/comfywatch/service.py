@@ -61,6 +61,8 @@ STORE_RETRY_S = 1.0
 SPOOL_BUDGET_S = 1.0
 #: The longest reload error ``STATUS=`` repeats (the log has all of it).
 STATUS_ERROR_CHARS = 300
+#: Jobs heard of (registered by another process) loaded per query.
+HEARD_CHUNK = 500
 #: The keys whose change sets logging up again.
 LOG_KEYS = frozenset({"daemon.log_level", "daemon.log_format"})
 
@@ -185,9 +187,13 @@ class Daemon:
         self._wake.set()
 
     def _heard_registered(self, payload: str) -> None:
-        """``comfywatch_registered``: jobs registered by another process (or this one)."""
-        self._heard.update(int(part) for part in payload.split(",") if part.isdigit())
-        self._wake.set()
+        """``comfywatch_registered``: jobs registered by another process (this one's own
+        are tracked already)."""
+        ids = {int(part) for part in payload.split(",") if part.isdigit()}
+        new = {job_id for job_id in ids if not self.poller.tracks(job_id)}
+        if new:
+            self._heard.update(new)
+            self._wake.set()
 
     def _listen(self) -> None:
         """On PostgreSQL, hear of registrations and due deliveries as they commit (the
@@ -207,13 +213,15 @@ class Daemon:
         if not self._heard:
             return
         ids, self._heard = sorted(self._heard), set()
-        try:
-            rows = await self.store.active_jobs(ids)
-        except StoreError as exc:
-            self._heard.update(ids)
-            log.warning("registered_jobs_not_loaded", error=str(exc))
-            return
-        self.status.active_jobs += self._registered(rows)
+        for start in range(0, len(ids), HEARD_CHUNK):
+            chunk = ids[start : start + HEARD_CHUNK]
+            try:
+                rows = await self.store.active_jobs(chunk)
+            except StoreError as exc:
+                self._heard.update(ids[start:])  # tried again on the next pass
+                log.warning("registered_jobs_not_loaded", error=str(exc))
+                return
+            self.status.active_jobs += self._registered(rows)
 
     def request_stop(self) -> None:
         self.stop_event.set()

@@ -41,6 +41,8 @@ MAX_PAYLOAD = 7_000
 #: Delays between attempts to listen again after the connection was lost.
 RECONNECT_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 CONNECT_TIMEOUT_S = 10.0
+#: How long closing a ThreadListener waits for its thread.
+CLOSE_WAIT_S = 1.0
 
 Handler = Callable[[str], None]
 
@@ -196,7 +198,7 @@ class ThreadListener:
             with contextlib.suppress(RuntimeError):  # the loop ended already
                 loop.call_soon_threadsafe(stop.set)
         if self._thread.is_alive():
-            self._thread.join(CONNECT_TIMEOUT_S)
+            self._thread.join(CLOSE_WAIT_S)  # a daemon thread: it ends with the process
 
     def _main(self) -> None:
         async def run() -> None:
