@@ -347,3 +347,66 @@ async def test_wait_returns_on_a_notification(pg_url: str, tmp_path: Path) -> No
     assert not timed_out
     assert look.succeeded("p1")
     assert not looks[0].ended("p1")
+
+
+async def test_held_claims_are_renewed_and_released_on_stop(pg_url: str) -> None:  # noqa: F811
+    """A's attempt hangs past its claim's first expiry: the claim is renewed, so B (running
+    all along) never takes it. The deliveries A claimed but never started are released
+    when A stops: B sends them without waiting for their claims to expire."""
+    a_store, b_store = Store.open(pg_url), Store.open(pg_url)
+    receiver = Receiver(hang=True)
+    await receiver.start()
+    a = HookDispatcher(
+        store=a_store,
+        hooks=webhook(receiver.url, timeout_s=60),
+        concurrency=1,
+        owner="a",
+        claim_s=1.0,
+    )
+    b = HookDispatcher(store=b_store, hooks=webhook(receiver.url), concurrency=1, owner="b")
+    stop_a, stop_b = asyncio.Event(), asyncio.Event()
+    runs: list[asyncio.Task[None]] = []
+    try:
+        await a_store.migrate()
+        await terminal_jobs(a_store, 3)
+        runs.append(asyncio.create_task(a.run(stop_a)))
+        await receiver.wait_until(lambda: len(receiver.requests) == 1)
+        claims = {d.id: d for d, _ in await a_store.deliveries()}
+        assert {d.claimed_by for d in claims.values()} == {"a"}
+        first_until = max(d.claimed_until for d in claims.values() if d.claimed_until)
+        runs.append(asyncio.create_task(b.run(stop_b)))
+
+        async def renewed_twice() -> bool:
+            rows = [d for d, _ in await a_store.deliveries()]
+            return all(
+                d.claimed_by == "a"
+                and d.claimed_until is not None
+                and d.claimed_until.timestamp() > first_until.timestamp() + 1.0
+                for d in rows
+            )
+
+        await eventually(renewed_twice)
+        assert len(receiver.requests) == 1  # B took nothing A holds
+        receiver.hang = False
+        stop_a.set()
+        receiver.release.set()  # A's attempt ends; its 2 others are released
+        await runs[0]
+        after_a = [d for d, _ in await a_store.deliveries()]
+        assert "a" not in {d.claimed_by for d in after_a}  # released, or recorded
+        await receiver.wait_until(lambda: len(receiver.requests) == 3)
+        await eventually(lambda: no_pending(a_store))
+        stop_b.set()
+        await runs[1]
+        rows = [d for d, _ in await a_store.deliveries()]
+    finally:
+        stop_a.set()
+        stop_b.set()
+        receiver.release.set()
+        await asyncio.gather(*runs, return_exceptions=True)
+        await a.close()
+        await b.close()
+        await receiver.stop()
+        await a_store.close()
+        await b_store.close()
+    assert by_webhook_id(receiver) == Counter({d.event_id: 1 for d in rows})
+    assert {(d.state, d.claimed_by) for d in rows} == {(DeliveryState.DELIVERED, None)}
