@@ -120,7 +120,7 @@ class ChangeListener:
                 conn.add_termination_listener(lambda _c: self._lost.set())
                 for channel in self._handlers:
                     await conn.add_listener(channel, self._dispatch)
-            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         conn.terminate()
