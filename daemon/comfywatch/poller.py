@@ -167,6 +167,10 @@ class Poller:
     def tracked_count(self) -> int:
         return len(self._open)
 
+    def tracks(self, job_id: int) -> bool:
+        """Whether the job is among the open ones."""
+        return self._open.get(job_id) is not None
+
     def job_id(self, server: str, prompt_id: str) -> int | None:
         """The id of the job tracking ``prompt_id`` on ``server``, if one does."""
         open_job = self._open.on(server).get(prompt_id)

@@ -38,6 +38,7 @@ from comfywatch.progress_writer import ProgressWriter
 from comfywatch.reload import changes, restart_only
 from comfywatch.spool import Spool
 from comfywatch.store import ActiveJob, NewJob, Store
+from comfywatch.store.listen import DELIVERIES, REGISTERED, ChangeListener, listen_url
 from comfywatch.watchers import QueueWatchers
 from comfywatch.web import HttpListener, HttpMove
 
@@ -60,6 +61,8 @@ STORE_RETRY_S = 1.0
 SPOOL_BUDGET_S = 1.0
 #: The longest reload error ``STATUS=`` repeats (the log has all of it).
 STATUS_ERROR_CHARS = 300
+#: Jobs heard of (registered by another process) loaded per query.
+HEARD_CHUNK = 500
 #: The keys whose change sets logging up again.
 LOG_KEYS = frozenset({"daemon.log_level", "daemon.log_format"})
 
@@ -163,6 +166,9 @@ class Daemon:
             store=store, book=self.progress, job_id_of=self.poller.job_id
         )
         self._progress_task: asyncio.Task[None] | None = None
+        #: Jobs another process registered (heard of on PostgreSQL): loaded on the next pass.
+        self._heard: set[int] = set()
+        self._listen_task: asyncio.Task[None] | None = None
         self.dispatcher = HookDispatcher(
             store=store,
             hooks=settings.hooks,
@@ -179,6 +185,43 @@ class Daemon:
         (:meth:`_check_background`) without waiting for the next tick."""
         self._trouble = True
         self._wake.set()
+
+    def _heard_registered(self, payload: str) -> None:
+        """``comfywatch_registered``: jobs registered by another process (this one's own
+        are tracked already)."""
+        ids = {int(part) for part in payload.split(",") if part.isdigit()}
+        new = {job_id for job_id in ids if not self.poller.tracks(job_id)}
+        if new:
+            self._heard.update(new)
+            self._wake.set()
+
+    def _listen(self) -> None:
+        """On PostgreSQL, hear of registrations and due deliveries as they commit (the
+        poll interval stays the safety net)."""
+        if listen_url(self.settings.daemon.database_url) is None:
+            return
+        listener = ChangeListener(
+            self.settings.daemon.database_url,
+            {REGISTERED: self._heard_registered, DELIVERIES: lambda _: self.dispatcher.wake()},
+            on_connected=self.dispatcher.wake,
+        )
+        self._listen_task = asyncio.create_task(listener.run(self.stop_event), name="listen")
+        self._listen_task.add_done_callback(lambda _: self.notice_trouble())
+
+    async def _load_heard(self) -> None:
+        """Hand the jobs heard of to the poller (those it tracks already change nothing)."""
+        if not self._heard:
+            return
+        ids, self._heard = sorted(self._heard), set()
+        for start in range(0, len(ids), HEARD_CHUNK):
+            chunk = ids[start : start + HEARD_CHUNK]
+            try:
+                rows = await self.store.active_jobs(chunk)
+            except StoreError as exc:
+                self._heard.update(ids[start:])  # tried again on the next pass
+                log.warning("registered_jobs_not_loaded", error=str(exc))
+                return
+            self.status.active_jobs += self._registered(rows)
 
     def request_stop(self) -> None:
         self.stop_event.set()
@@ -344,6 +387,7 @@ class Daemon:
         self._progress_task = asyncio.create_task(self._progress_writer.run(self.stop_event))
         self._progress_task.add_done_callback(lambda _: self.notice_trouble())
         dispatcher_task.add_done_callback(lambda _: self.notice_trouble())
+        self._listen()
         failing: BaseException | None = None  # what ends the loop, if anything does
         try:
             self.status.ready = True
@@ -358,6 +402,7 @@ class Daemon:
                     reloaded = await self.reload(why="SIGHUP")
                 elif self._config_changed():
                     reloaded = await self.reload(why="files changed")
+                await self._load_heard()
                 only: set[str] | None = None
                 # New settings (another poll_interval_s, new servers, ...): a full pass now.
                 if not reloaded and time.monotonic() < next_full_s:
@@ -386,6 +431,10 @@ class Daemon:
             self.notifier.notify(stopping=True)
             failures = await self._watchers.stop()
             failures += await self._housekeeping.stop()
+            if self._listen_task is not None:
+                await asyncio.wait({self._listen_task})
+                if not self._listen_task.cancelled() and self._listen_task.exception():
+                    failures.append(self._listen_task.exception())  # type: ignore[arg-type]
             await asyncio.wait({self._progress_task})  # ends its write in flight, if any
             if not self._progress_task.cancelled():
                 progress_failure = self._progress_task.exception()
@@ -501,7 +550,12 @@ class Daemon:
         gap_end_s = time.monotonic() + self._hint_gap_s()
         while True:
             self._wake.clear()
-            if self.stop_event.is_set() or self._reload_event.is_set() or self._trouble:
+            if (
+                self.stop_event.is_set()
+                or self._reload_event.is_set()
+                or self._trouble
+                or self._heard
+            ):
                 return
             now_s = time.monotonic()
             if now_s >= deadline_s or (self._hinted and now_s >= gap_end_s):
@@ -554,6 +608,9 @@ class Daemon:
         if self._progress_task is not None and self._progress_task.done():
             self._progress_task.result()
             raise RuntimeError("progress writer stopped unexpectedly")
+        if self._listen_task is not None and self._listen_task.done():
+            self._listen_task.result()
+            raise RuntimeError("database listener stopped unexpectedly")
         self._watchers.check()
         self._housekeeping.check()
 

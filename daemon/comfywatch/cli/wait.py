@@ -5,15 +5,22 @@ name), then the database: the daemon commits a file's jobs before it moves the f
 the inbox, so a registered job is always in one or the other. The database is read-only
 here (never migrated, never written), and a SQLite file that does not exist yet holds no
 jobs. ``submit --wait`` follows its job with the same looks (:func:`follow`).
+
+On PostgreSQL, a connection of its own also ``LISTEN``s on ``comfywatch_jobs``: a job
+waited for that becomes terminal is looked at as soon as its change commits, and the
+database is looked at only every :data:`LISTEN_POLL_S` otherwise (the safety net; while
+the connection is down, or a job is still in the spool, every :data:`POLL_S`).
 """
 
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from comfywatch.cli.context import settings_of
 from comfywatch.cli.output import EX_FAILURE, EX_OK, EX_USAGE, err, say
@@ -28,6 +35,10 @@ from comfywatch.store.reads import select_job_rows
 
 #: How often the database and the spool are looked at.
 POLL_S = 0.5
+#: How often, while notifications are heard (PostgreSQL), and how long listening may take
+#: to start before the looks go on without it.
+LISTEN_POLL_S = 5.0
+LISTEN_READY_S = 2.0
 #: The exit status of a wait that ran out of time (as timeout(1)).
 EX_TIMEOUT = 124
 
@@ -102,6 +113,25 @@ class JobWatch:
             ),
         )
 
+    def listener(self, prompt_ids: Collection[str], heard: Callable[[], None]) -> Any:
+        """A :class:`~comfywatch.store.listen.ThreadListener` calling ``heard`` when one of
+        ``prompt_ids`` becomes terminal; ``None`` on SQLite. Not started."""
+        url = self._settings.daemon.database_url
+        if is_sqlite(url):
+            return None
+        from comfywatch.store.listen import JOBS, ThreadListener, listen_url
+
+        if listen_url(url) is None:
+            return None
+        wanted = set(prompt_ids)
+
+        def on_job(payload: str) -> None:
+            server, _, prompt_id = payload.partition("/")
+            if prompt_id in wanted and (self._server is None or server == self._server):
+                heard()
+
+        return ThreadListener(url, {JOBS: on_job})
+
     def _rows(self, prompt_ids: Collection[str]) -> list[JobRow]:
         url = self._settings.daemon.database_url
         if is_sqlite(url):
@@ -165,14 +195,37 @@ def follow(
     *,
     timeout_s: float | None,
     on_look: Callable[[Look], None],
+    listen_poll_s: float = LISTEN_POLL_S,
 ) -> tuple[Look, bool]:
-    """Look every :data:`POLL_S` until every prompt id has ended, or none is known, or
-    ``timeout_s`` has passed; ``on_look`` sees each look. Returns the last look and
-    whether time ran out."""
+    """Look every :data:`POLL_S` (every ``listen_poll_s`` while the database's
+    notifications are heard, and whenever one names a prompt id waited for) until every
+    prompt id has ended, or none is known, or ``timeout_s`` has passed; ``on_look`` sees
+    each look. Returns the last look and whether time ran out."""
+    heard = threading.Event()
+    listener = watch.listener(prompt_ids, heard.set)
+    if listener is not None:
+        listener.start(ready_within_s=LISTEN_READY_S)
+    try:
+        return _follow(watch, prompt_ids, timeout_s, on_look, heard, listener, listen_poll_s)
+    finally:
+        if listener is not None:
+            listener.close()
+
+
+def _follow(
+    watch: JobWatch,
+    prompt_ids: Sequence[str],
+    timeout_s: float | None,
+    on_look: Callable[[Look], None],
+    heard: threading.Event,
+    listener: Any,
+    listen_poll_s: float,
+) -> tuple[Look, bool]:
     deadline_m = None if timeout_s is None else time.monotonic() + timeout_s
     failing = False
     look = Look()
     while True:
+        heard.clear()  # before the look: a change committed after it wakes the next one
         try:
             look = watch.look(prompt_ids)
         except StoreError as exc:
@@ -184,13 +237,15 @@ def follow(
             on_look(look)
             if all(look.ended(p) or p in look.unknown for p in prompt_ids):
                 return look, False
+        quiet = listener is not None and listener.listening and not failing and not look.spooled
+        poll_s = listen_poll_s if quiet else POLL_S
         if deadline_m is None:
-            time.sleep(POLL_S)
+            heard.wait(poll_s)
             continue
         left_s = deadline_m - time.monotonic()
         if left_s <= 0:
             return look, True
-        time.sleep(min(POLL_S, left_s))
+        heard.wait(min(poll_s, left_s))
 
 
 def outcome_line(row: JobRow) -> str:

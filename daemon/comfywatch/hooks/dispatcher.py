@@ -17,6 +17,13 @@ A retry is due when its stored ``next_attempt_at`` (wall clock) has passed, or, 
 this dispatcher scheduled itself, once its delay has passed on the monotonic clock: setting
 the wall clock back delays no retry while the process runs. After a restart only the stored
 time is left.
+
+The claim is in the database too (``claimed_by``: this dispatcher's ``owner`` id, random
+per process; ``claimed_until``): several daemons on one PostgreSQL database each take
+only deliveries no other holds, so each is sent by one of them. Claims last ``claim_s``
+(the longest hook timeout plus a margin) and are renewed while held; a dispatcher that dies
+leaves claims that expire, and another takes them over (at least once). Deliveries claimed
+but never started are released when the dispatcher stops.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import os
+import socket
+import uuid
 from collections.abc import Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -55,6 +65,16 @@ FLUSH_S = 0.005
 MAX_UNRECORDED = 2_000
 #: The shortest sleep while a delivery's due time is about to come.
 MIN_SLEEP_S = 0.001
+#: A claim outlasts the longest hook timeout by this much.
+CLAIM_MARGIN_S = 30.0
+#: Held claims are renewed when this share of their time has passed.
+RENEW_AFTER = 1 / 3
+
+
+def new_owner_id() -> str:
+    """A claimant id for this process: host, pid and a random part (unique even after the
+    pid is reused)."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
 def _at(ts_s: float) -> datetime:
@@ -167,6 +187,8 @@ class _Work:
     #: run_once: deliveries attempted in this pass and due again within it (not repeated).
     handled: set[int] = field(default_factory=set)
     attempts: int = 0
+    #: Monotonic time the held claims are renewed next (None: run_once, no renewal).
+    renew_at: float | None = None
 
     @property
     def busy(self) -> bool:
@@ -180,6 +202,8 @@ class _Work:
         delays = [MAX_IDLE_S]
         if claims and self.can_start():
             delays.append(self.claims.delay(now_s, mono_s))
+        if self.renew_at is not None and self.busy:
+            delays.append(max(MIN_SLEEP_S, self.renew_at - mono_s))
         flush_in = self.recorder.flush_in(now=not self.lanes.running)
         if flush_in is not None:
             delays.append(flush_in)
@@ -199,7 +223,12 @@ class HookDispatcher:
         clock: Clock = SYSTEM_CLOCK,
         claim_size: int = CLAIM_SIZE,
         look_every_s: float = MAX_IDLE_S,
+        owner: str | None = None,
+        claim_s: float | None = None,
     ) -> None:
+        """``owner``: the id its claims are made under (default: :func:`new_owner_id`);
+        ``claim_s``: how long a claim lasts unless renewed (default: the longest hook
+        timeout plus :data:`CLAIM_MARGIN_S`)."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if claim_size < 1:
@@ -209,6 +238,8 @@ class HookDispatcher:
         self._concurrency = concurrency
         self._claim_size = claim_size
         self._look_every_s = look_every_s
+        self.owner = owner or new_owner_id()
+        self._claim_s = claim_s
         self._work: _Work | None = None  # run()'s
         self._metrics = metrics
         self._clock = clock
@@ -244,6 +275,14 @@ class HookDispatcher:
                 self._work.claims.look_every_s = look_every_s
         self.wake()
 
+    @property
+    def claim_s(self) -> float:
+        """How long a claim lasts unless renewed."""
+        if self._claim_s is not None:
+            return self._claim_s
+        timeouts = [float(getattr(hook, "timeout_s", 0.0)) for hook in self._hooks.values()]
+        return max(timeouts, default=0.0) + CLAIM_MARGIN_S
+
     def wake(self) -> None:
         """New deliveries may be due now: look at the outbox without waiting."""
         self._wake.set()
@@ -266,6 +305,7 @@ class HookDispatcher:
         """
         work = self._new_work()
         work.claims.look_every_s = self._look_every_s
+        work.renew_at = self._clock.mono() + self.claim_s * RENEW_AFTER
         self._work = work
         stop_watch = asyncio.create_task(stop.wait(), name="hook-stop-watch")
         stop_watch.add_done_callback(lambda _: self._nudge.set())
@@ -278,6 +318,7 @@ class HookDispatcher:
                     work.claims.retry_at = self._clock.mono() + STORE_RETRY_S
                 if stop.is_set():
                     break  # set while claiming: start nothing new
+                await self._renew_if_due(work)
                 self._advance(work)
                 await self._sleep(work.delay(self._clock.wall(), self._clock.mono()))
                 self._collect(work)
@@ -318,7 +359,9 @@ class HookDispatcher:
     def _new_work(self) -> _Work:
         self._nudge.clear()
         on_done = self._nudge.set
-        recorder = Recorder(self._store, flush_s=FLUSH_S, flush_size=FLUSH_SIZE, on_done=on_done)
+        recorder = Recorder(
+            self._store, flush_s=FLUSH_S, flush_size=FLUSH_SIZE, on_done=on_done, owner=self.owner
+        )
         lanes = Lanes(self._concurrency, on_done=on_done)
         self._lanes.append(lanes)
         return _Work(lanes, recorder, _Claims(self._retries))
@@ -346,7 +389,13 @@ class HookDispatcher:
         retries.ripen(mono_s)
         ripe = sorted(retries.ripe - skip)
         batch = await self._store.due_batch(
-            now_s, self._claim_size, skip_ids=skip, skip_hooks=full, due_ids=ripe
+            now_s,
+            self._claim_size,
+            skip_ids=skip,
+            skip_hooks=full,
+            due_ids=ripe,
+            owner=self.owner,
+            claim_s=self.claim_s,
         )
         work.lanes.add(batch.deliveries)
         claims.claimed(batch, skipped=full, mono_s=mono_s)
@@ -355,6 +404,21 @@ class HookDispatcher:
             claims.needed = bool(retries.ripe)  # more may be due than the batch held
         elif not full:
             retries.drop(ripe)  # not returned: no longer pending (finished elsewhere)
+
+    async def _renew_if_due(self, work: _Work) -> None:
+        """Extend the claims of the deliveries held (waiting for a slot, being attempted,
+        or their results waiting for the database), so no other dispatcher takes them."""
+        if work.renew_at is None or self._clock.mono() < work.renew_at:
+            return
+        claim_s = self.claim_s
+        work.renew_at = self._clock.mono() + claim_s * RENEW_AFTER
+        held = {*work.lanes.held_ids(), *work.recorder.held_ids()}
+        if not held:
+            return
+        try:
+            await self._store.renew_claims(self.owner, held, until_s=self._clock.wall() + claim_s)
+        except StoreError as exc:
+            log.warning("hook_claims_not_renewed", count=len(held), error=str(exc))
 
     def _advance(self, work: _Work) -> None:
         """Start attempts in free slots; start a recording if one is due."""
@@ -414,8 +478,9 @@ class HookDispatcher:
     async def _finish(self, work: _Work) -> None:
         """Start nothing new; let running attempts finish and record every outcome held
         (tried again after a database error). If cancelled meanwhile, cancel them: what is
-        not recorded is made again later (at least once). No task outlives this."""
-        work.lanes.drop_waiting()
+        not recorded is made again later (at least once). No task outlives this. The
+        claims of deliveries never started are released, for another daemon to take."""
+        dropped = work.lanes.drop_waiting()
         try:
             while work.lanes.running or work.recorder.held:
                 work.recorder.maybe_flush(now=True)
@@ -428,3 +493,8 @@ class HookDispatcher:
             raise
         finally:
             self._lanes.remove(work.lanes)
+        if dropped:
+            try:
+                await self._store.release_claims(self.owner, dropped)
+            except StoreError as exc:  # they expire instead
+                log.warning("hook_claims_not_released", count=len(dropped), error=str(exc))

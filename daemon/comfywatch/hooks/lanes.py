@@ -94,9 +94,11 @@ class Lanes:
             failed[0].result()  # raises (the other outcomes are made again after a restart)
         return [task.result() for _, _, task in finished]
 
-    def drop_waiting(self) -> None:
-        """Forget the deliveries not started (they stay pending in the outbox)."""
+    def drop_waiting(self) -> list[int]:
+        """Forget the deliveries not started (they stay pending in the outbox); their ids."""
+        dropped = [due.delivery.id for lane in self._waiting.values() for due in lane]
         self._waiting.clear()
+        return dropped
 
     async def cancel(self) -> None:
         """Cancel the running attempts and wait for their clean-up (their deliveries stay

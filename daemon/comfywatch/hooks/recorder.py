@@ -4,7 +4,9 @@ since the last one, started when ``flush_size`` are waiting, when the oldest has
 
 An outcome that could not be recorded (the database is busy or down) is kept and recorded
 later, so its delivery is not sent again needlessly; it is made again only if the daemon
-stops before its result is recorded (at least once).
+stops before its result is recorded (at least once). A result is recorded only while the
+delivery is still claimed by this dispatcher: if its claim expired and another dispatcher
+took the delivery over, the newer state stays (see :mod:`comfywatch.store.deliveries`).
 """
 
 from __future__ import annotations
@@ -29,9 +31,16 @@ class Recorder:
     """Outcomes waiting to be recorded, and the one recording in progress."""
 
     def __init__(
-        self, store: Store, *, flush_s: float, flush_size: int, on_done: Callable[[], None]
+        self,
+        store: Store,
+        *,
+        flush_s: float,
+        flush_size: int,
+        on_done: Callable[[], None],
+        owner: str | None = None,
     ) -> None:
         self._store = store
+        self._owner = owner  # whose claims the results are recorded under
         self._flush_s = flush_s
         self._flush_size = flush_size
         self._on_done = on_done
@@ -89,7 +98,9 @@ class Recorder:
 
     async def _record(self, batch: list[Outcome]) -> bool:
         try:
-            await self._store.record_attempts([outcome.finished() for outcome in batch])
+            await self._store.record_attempts(
+                [outcome.finished() for outcome in batch], owner=self._owner
+            )
         except StoreError as exc:
             # The attempts were made but not recorded: kept, and recorded on a later try.
             log.error(

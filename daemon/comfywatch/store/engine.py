@@ -77,6 +77,9 @@ class Database:
         self._lock_conn: AsyncConnection | None = None
         self._lock_lost: str | None = None
         self._lock_checked_at = 0.0  # monotonic
+        #: Whether this process holds the one-daemon lock: no other dispatcher can hold a
+        #: hook delivery then, and claims other than its own are stale.
+        self.sole_daemon = False
 
     @classmethod
     def open(cls, url: str, *, create: bool = True, readonly: bool = False) -> Self:
@@ -113,8 +116,10 @@ class Database:
         """
         if self._path is not None:
             self._lock_fd = _flock_beside(self._path)
+            self.sole_daemon = True
         elif self.engine.dialect.name == "postgresql":
             await self._advisory_lock(on_lost)
+            self.sole_daemon = True
 
     async def _advisory_lock(self, on_lost: Callable[[], None] | None) -> None:
         engine = create_async_engine(self.engine.url, poolclass=NullPool)
@@ -170,6 +175,7 @@ class Database:
     async def close(self) -> None:
         conn, engine = self._lock_conn, self._lock_engine
         self._lock_conn = self._lock_engine = None
+        self.sole_daemon = False
         if conn is not None:
             try:
                 await conn.close()

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from comfywatch.history import HistoryRecord, OutputRecord
 from comfywatch.states import ACTIVE_STATES, DeliveryState
 from comfywatch.store.engine import Database
+from comfywatch.store.listen import DELIVERIES, JOBS, notify
 from comfywatch.store.models import HookDelivery, Job, JobOutput
 from comfywatch.store.reads import outputs_of, select_job, select_jobs
 from comfywatch.store.rows import (
@@ -42,7 +43,9 @@ _DELIVERIES: Table = HookDelivery.__table__
 class JobQueries(Database):
     """Tracking and reading jobs (registering them: :mod:`comfywatch.store.registration`)."""
 
-    async def active_jobs(self) -> list[ActiveJob]:
+    async def active_jobs(self, ids: Sequence[int] | None = None) -> list[ActiveJob]:
+        """The jobs not terminal yet (only those among ``ids``, if given)."""
+        wanted = [Job.id.in_(list(ids))] if ids is not None else []
         async with self._session(read_only=True) as session:
             rows = await session.execute(
                 select(
@@ -54,7 +57,7 @@ class JobQueries(Database):
                     Job.queued_at,
                     Job.started_at,
                     Job.hooks,
-                ).where(Job.state.in_(_ACTIVE))
+                ).where(Job.state.in_(_ACTIVE), *wanted)
             )
             return [
                 ActiveJob(
@@ -102,6 +105,10 @@ class JobQueries(Database):
             ]
             if deliveries:
                 await session.execute(insert(_DELIVERIES), deliveries)
+                await notify(session, DELIVERIES)
+            ended = [live[i] for i in applied if by_id[i].state.terminal]
+            if ended:
+                await notify(session, JOBS, ended)
         return applied
 
     async def record_progress(self, updates: Sequence[ProgressUpdate]) -> None:
@@ -130,19 +137,21 @@ class JobQueries(Database):
             return await session.run_sync(lambda s: select_job(s.connection(), job_id))
 
 
-async def _lock_active(session: AsyncSession, ids: Sequence[int]) -> set[int]:
-    """Those of ``ids`` that are still active, locked until the transaction ends.
+async def _lock_active(session: AsyncSession, ids: Sequence[int]) -> dict[int, str]:
+    """Those of ``ids`` that are still active, locked until the transaction ends, each
+    with its ``server/prompt_id``.
 
     On SQLite the write lock is already held (``BEGIN IMMEDIATE``); elsewhere ``FOR UPDATE``
     takes it: either way the rows found active stay active until this transaction commits.
     """
-    live: set[int] = set()
+    live: dict[int, str] = {}
     for chunk in chunks(ids):
-        live.update(
-            await session.scalars(
-                select(Job.id).where(Job.id.in_(chunk), Job.state.in_(_ACTIVE)).with_for_update()
-            )
+        rows = await session.execute(
+            select(Job.id, Job.server, Job.prompt_id)
+            .where(Job.id.in_(chunk), Job.state.in_(_ACTIVE))
+            .with_for_update()
         )
+        live.update({r.id: f"{r.server}/{r.prompt_id}" for r in rows})
     return live
 
 

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from comfywatch.states import ACTIVE_STATES, JobState
 from comfywatch.store.engine import Database
+from comfywatch.store.listen import REGISTERED, joined, notify
 from comfywatch.store.models import Job
 from comfywatch.store.rows import chunks, utc
 from comfywatch.store.values import ActiveJob, NewJob
@@ -42,7 +43,8 @@ class RegistrationQueries(Database):
 
     async def register(self, jobs: Iterable[NewJob], now_s: float) -> list[ActiveJob]:
         """Upserts ``jobs`` in one transaction; returns those it inserted, and the active
-        ones whose hooks it changed.
+        ones whose hooks it changed (on PostgreSQL, their ids are announced on
+        ``comfywatch_registered`` as the transaction commits).
 
         A known job takes the labels given (whatever its state) and, while still
         registered, queued or running, the hooks given; its state, times and source stay.
@@ -56,7 +58,10 @@ class RegistrationQueries(Database):
             known = await _known_jobs(session, wanted)
             rehooked = await _refresh(session, wanted, known, now)
             fresh = [job for key, job in wanted.items() if key not in known]
-            return [*await _insert(session, fresh, now), *rehooked]
+            registered = [*await _insert(session, fresh, now), *rehooked]
+            if registered:
+                await notify(session, REGISTERED, joined([str(job.id) for job in registered]))
+            return registered
 
 
 async def _known_jobs(session: AsyncSession, wanted: Iterable[_Key]) -> dict[_Key, _Known]:
