@@ -213,6 +213,30 @@ async def test_a_poll_in_flight_survives_its_client_being_replaced(
     await eventually(closed, bool)
 
 
+async def test_a_file_caught_while_it_is_written_is_not_loaded(
+    tmp_path: Path, fake: FakeComfyUI, make_daemon: MakeDaemon
+) -> None:
+    """An edit is loaded only once the files look the same at two looks in a row: a file
+    seen truncated (valid TOML, but without its servers) and written in full before the
+    next look is never loaded; the full file is, one look later."""
+    config = write_config(tmp_path, {"local": fake.url})
+    daemon = await make_daemon(config)
+    full = config.read_text()
+    config.write_text("[daemon]\n")  # an editor or a tool, caught half-way
+    assert daemon._config_changed() is False  # first look at the change: wait
+    config.write_text(
+        full.replace(
+            "[servers.local]",
+            "[servers.second]\nurl = " + json.dumps(fake.url) + "\n\n[servers.local]",
+        )
+    )
+    assert daemon._config_changed() is False  # changed again since that look: wait
+    assert daemon._config_changed() is True  # unchanged since the last look: load it
+    assert await daemon.reload(why="files changed") is True
+    assert daemon.settings.servers.keys() == {"local", "second"}
+    assert daemon._config_changed() is False
+
+
 # -- what a reload refuses -----------------------------------------------------------------
 
 

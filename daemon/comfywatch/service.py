@@ -148,6 +148,8 @@ class Daemon:
         )
         # Taken before the files were read, so an edit made during a load is not missed.
         self._fingerprint = settings.fingerprint
+        # What the files looked like at the last look (see _config_changed).
+        self._fingerprint_seen = settings.fingerprint
         # Whether the last tick was recorded (so the counts in self.status are current).
         self._tick_recorded = False
         d = settings.daemon
@@ -364,7 +366,12 @@ class Daemon:
         return new
 
     def _config_changed(self) -> bool:
-        return config_fingerprint(self.settings) != self._fingerprint
+        """Whether the files changed since they were loaded and have stayed as they are since
+        the last look (a loop pass before): a file caught while an editor or a deployment
+        tool writes it (truncated, or half-written) is not loaded."""
+        now = config_fingerprint(self.settings)
+        seen, self._fingerprint_seen = self._fingerprint_seen, now
+        return now != self._fingerprint and now == seen
 
     # -- the loop -----------------------------------------------------------------------
 
