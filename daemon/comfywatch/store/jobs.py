@@ -7,7 +7,7 @@ deliveries they owe (the outbox), so a hook is owed exactly when its job's end i
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -19,6 +19,7 @@ from comfywatch.states import ACTIVE_STATES, DeliveryState
 from comfywatch.store.engine import Database
 from comfywatch.store.models import HookDelivery, Job, JobOutput
 from comfywatch.store.reads import outputs_of, select_job, select_jobs
+from comfywatch.store.replicas import fenced_servers
 from comfywatch.store.rows import (
     chunks,
     utc,
@@ -27,6 +28,7 @@ from comfywatch.store.rows import (
 from comfywatch.store.values import (
     ActiveJob,
     Change,
+    Fence,
     JobFilter,
     JobRecord,
     ProgressUpdate,
@@ -42,7 +44,8 @@ _DELIVERIES: Table = HookDelivery.__table__
 class JobQueries(Database):
     """Tracking and reading jobs (registering them: :mod:`comfywatch.store.registration`)."""
 
-    async def active_jobs(self) -> list[ActiveJob]:
+    async def active_jobs(self, servers: Collection[str] | None = None) -> list[ActiveJob]:
+        """The jobs not terminal yet (only those of ``servers``, when given)."""
         async with self._session(read_only=True) as session:
             rows = await session.execute(
                 select(
@@ -54,7 +57,10 @@ class JobQueries(Database):
                     Job.queued_at,
                     Job.started_at,
                     Job.hooks,
-                ).where(Job.state.in_(_ACTIVE))
+                ).where(
+                    Job.state.in_(_ACTIVE),
+                    *([] if servers is None else [Job.server.in_(list(servers))]),
+                )
             )
             return [
                 ActiveJob(
@@ -70,19 +76,24 @@ class JobQueries(Database):
                 for r in rows
             ]
 
-    async def record(self, changes: Sequence[Change], now_s: float) -> list[int]:
+    async def record(
+        self, changes: Sequence[Change], now_s: float, *, fence: Fence | None = None
+    ) -> list[int]:
         """Apply one tick's changes in one transaction; returns the ids actually changed.
 
         A job already terminal in the database is never touched again (terminal states
         never change), so a change computed from stale data is dropped, not applied. Jobs,
         outputs and deliveries are written in bulk: one ``executemany`` per statement.
+
+        With a ``fence`` (several replicas), only the jobs of servers whose lease is still
+        the fence's (owner and epoch) are written; the others are dropped.
         """
         if not changes:
             return []
         now = utc(now_s)
         by_id = {change.job_id: change for change in changes}
         async with self._session() as session:
-            live = await _lock_active(session, list(by_id))
+            live = await _lock_active(session, list(by_id), fence)
             applied = [job_id for job_id in by_id if job_id in live]
             if not applied:
                 return []
@@ -104,12 +115,18 @@ class JobQueries(Database):
                 await session.execute(insert(_DELIVERIES), deliveries)
         return applied
 
-    async def record_progress(self, updates: Sequence[ProgressUpdate]) -> None:
+    async def record_progress(
+        self, updates: Sequence[ProgressUpdate], *, fence: Fence | None = None
+    ) -> None:
         """Write the jobs' latest progress in one transaction (one ``executemany``); a job
-        already terminal is left as it is."""
+        already terminal is left as it is, and so is one whose server's lease is no longer
+        ``fence``'s."""
         if not updates:
             return
         async with self._session() as session:
+            if fence is not None:
+                live = await _lock_active(session, [u.job_id for u in updates], fence)
+                updates = [u for u in updates if u.job_id in live]
             await _update_active(session, [(u.job_id, _progress_values(u)) for u in updates])
 
     async def jobs(
@@ -130,19 +147,27 @@ class JobQueries(Database):
             return await session.run_sync(lambda s: select_job(s.connection(), job_id))
 
 
-async def _lock_active(session: AsyncSession, ids: Sequence[int]) -> set[int]:
+async def _lock_active(
+    session: AsyncSession, ids: Sequence[int], fence: Fence | None = None
+) -> set[int]:
     """Those of ``ids`` that are still active, locked until the transaction ends.
 
     On SQLite the write lock is already held (``BEGIN IMMEDIATE``); elsewhere ``FOR UPDATE``
     takes it: either way the rows found active stay active until this transaction commits.
+    With a ``fence``, only the jobs of servers whose lease is still its own (their lease
+    rows locked too, so no takeover commits before this transaction does).
     """
+    allowed: set[str] | None = None
+    if fence is not None:
+        allowed = await fenced_servers(session, fence, fence.epochs)
+        if not allowed:
+            return set()
     live: set[int] = set()
     for chunk in chunks(ids):
-        live.update(
-            await session.scalars(
-                select(Job.id).where(Job.id.in_(chunk), Job.state.in_(_ACTIVE)).with_for_update()
-            )
-        )
+        query = select(Job.id).where(Job.id.in_(chunk), Job.state.in_(_ACTIVE))
+        if allowed is not None:
+            query = query.where(Job.server.in_(sorted(allowed)))
+        live.update(await session.scalars(query.with_for_update()))
     return live
 
 
