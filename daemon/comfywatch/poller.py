@@ -214,6 +214,15 @@ class Poller:
                 self._watch(server).resync()
         return gained
 
+    async def refresh(self) -> int:
+        """With replicas: track the open jobs of the servers held that another replica
+        registered (it does not poll them, so it does not hand them over); returns how
+        many were new. Raises StoreError."""
+        if not self._owned:
+            return 0
+        rows = await self._store.active_jobs(sorted(self._owned))
+        return self.add(rows)
+
     def drop(self, servers: Collection[str]) -> None:
         """With replicas: stop polling ``servers`` now (their lease is lost or given
         back): a poll under way is cancelled, their jobs leave memory (another replica

@@ -30,6 +30,7 @@ from comfywatch.errors import ConfigError, LockLost, StoreError
 from comfywatch.history import Progress
 from comfywatch.hooks import HookDispatcher
 from comfywatch.housekeeping import Housekeeping
+from comfywatch.leases import beat_every_s
 from comfywatch.metrics import Metrics
 from comfywatch.notify import SystemdNotifier
 from comfywatch.poller import Poller
@@ -161,6 +162,7 @@ class Daemon:
                 on_change=self._leases_changed,
             )
         self._replica_task: asyncio.Task[None] | None = None
+        self._jobs_synced_m = 0.0  # when the held servers' jobs are read again (monotonic)
         self.poller = Poller(
             store=store,
             servers=settings.servers,
@@ -186,6 +188,7 @@ class Daemon:
             metrics=self.metrics,
             clock=clock.wall,
             look_every_s=d.poll_interval_s,
+            servers=self._dispatch_servers,
         )
 
     # -- replicas -----------------------------------------------------------------------
@@ -193,10 +196,16 @@ class Daemon:
     def _fence(self) -> Fence | None:
         return None if self.replica is None else self.replica.fence()
 
+    def _dispatch_servers(self) -> set[str] | None:
+        """Whose jobs' hooks this daemon sends: all, or with replicas, the servers it
+        holds the lease of (the other replicas send the others')."""
+        return None if self.replica is None else self.replica.owned()
+
     def _leases_changed(self, lost: set[str]) -> None:
         """The replica's leases changed: stop polling the servers lost at once; the main
         loop loads the jobs of those gained (:meth:`_own_leases`)."""
         self.poller.drop(lost)
+        self.dispatcher.wake()
         self._wake.set()
 
     async def _own_leases(self) -> None:
@@ -205,11 +214,20 @@ class Daemon:
             return
         try:
             gained = await self.poller.own(self.replica.owned())
+            now_m = self._clock.mono()
+            if now_m >= self._jobs_synced_m:
+                # Jobs registered through another replica (the config, a spool file it
+                # read first, `register`) reach the owner of their server here.
+                self._jobs_synced_m = now_m + beat_every_s(self.settings.daemon.lease_s)
+                if await self.poller.refresh():
+                    self._wake.set()
         except StoreError as exc:
             log.warning("lease_jobs_not_loaded", error=str(exc))
             return
         for server in gained:
             self.hint(server)
+        if gained:
+            self.dispatcher.wake()  # what those servers' jobs owe
 
     # -- control ------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -146,12 +146,16 @@ class HookDispatcher:
         clock: Callable[[], float] = time.time,
         claim_size: int = CLAIM_SIZE,
         look_every_s: float = MAX_IDLE_S,
+        servers: Callable[[], Collection[str] | None] = lambda: None,
     ) -> None:
+        """``servers``: whose jobs' deliveries to send (``None``: all). With replicas, each
+        sends those of the servers it holds the lease of."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if claim_size < 1:
             raise ValueError("claim_size must be at least 1")
         self._store = store
+        self._servers = servers
         self._hooks: dict[str, HookSettings] = dict(hooks)
         self._concurrency = concurrency
         self._claim_size = claim_size
@@ -283,7 +287,9 @@ class HookDispatcher:
             *work.recorder.held_ids(except_hooks=full),
             *work.handled,
         }
-        batch = await self._store.due_batch(now_s, self._claim_size, skip_ids=skip, skip_hooks=full)
+        batch = await self._store.due_batch(
+            now_s, self._claim_size, skip_ids=skip, skip_hooks=full, servers=self._servers()
+        )
         work.lanes.add(batch.deliveries)
         claims.claimed(batch, skipped=full)
 

@@ -74,28 +74,32 @@ class DeliveryQueries(Database):
         *,
         skip_ids: Collection[int] = (),
         skip_hooks: Collection[str] = (),
+        servers: Collection[str] | None = None,
     ) -> DueBatch:
         """Up to ``limit`` pending deliveries due at ``now_s``, oldest first, each with its
         job and the job's outputs, and when the next other one is due; in one read
         transaction. ``skip_ids`` and the deliveries of ``skip_hooks`` are left out (the
-        hook dispatcher holds them already)."""
+        hook dispatcher holds them already). With ``servers`` (several replicas), only the
+        deliveries of those servers' jobs."""
         due = _pending(skip_ids, skip_hooks)
+        of_servers = [] if servers is None else [Job.server.in_(sorted(servers))]
         async with self._session(read_only=True) as session:
             rows = (
                 await session.execute(
                     _with_job()
-                    .where(*due, HookDelivery.next_attempt_at <= utc(now_s))
+                    .where(*due, *of_servers, HookDelivery.next_attempt_at <= utc(now_s))
                     .order_by(HookDelivery.next_attempt_at, HookDelivery.id)
                     .limit(limit)
                 )
             ).all()
             outputs = await outputs_by_job(session, sorted({job.id for _, job in rows}))
             taken = [delivery.id for delivery, _ in rows]
-            next_at = await session.scalar(
-                select(func.min(HookDelivery.next_attempt_at)).where(
-                    *_pending([*skip_ids, *taken], skip_hooks)
-                )
+            next_query = select(func.min(HookDelivery.next_attempt_at)).where(
+                *_pending([*skip_ids, *taken], skip_hooks)
             )
+            if of_servers:
+                next_query = next_query.join(Job, Job.id == HookDelivery.job_id).where(*of_servers)
+            next_at = await session.scalar(next_query)
             batch = tuple(
                 DueDelivery(
                     delivery_row(delivery),
