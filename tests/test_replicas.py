@@ -7,6 +7,7 @@ server on 127.0.0.1:5432 in a database of its own; skipped where none answers (n
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 import uuid
@@ -25,6 +26,7 @@ from comfywatch.states import JobState, Reason
 from comfywatch.store import Change, Fence, NewJob, ProgressUpdate, Store
 
 from .conftest import write_config
+from .daemon_proc import run_cli
 from .tcp_proxy import TcpProxy
 
 ADMIN_URL = os.environ.get("COMFYWATCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -237,3 +239,38 @@ def test_the_lease_must_outlast_several_polls(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"gpu": "http://127.0.0.1:9"}, daemon=daemon)
     settings = load_settings(config)
     assert settings.daemon.replicas and settings.daemon.lease_s == 6
+
+
+async def test_replicas_lists_live_replicas_their_servers_and_lease_expiries(
+    stores: tuple[Store, Store], pg: str, tmp_path: Path
+) -> None:
+    a_store, b_store = stores
+    metrics = Metrics()
+    a = Replica(a_store, servers=["gpu-0", "gpu-1"], lease_s=30, replica_id="a", metrics=metrics)
+    await a.beat()
+    b = Replica(b_store, servers=["gpu-0", "gpu-1"], lease_s=30, replica_id="b")
+    await b.beat()  # live, holding nothing yet
+    owned = metrics.lease_owned
+    assert {s: owned.labels(s)._value.get() for s in ("gpu-0", "gpu-1")} == {
+        "gpu-0": 1,
+        "gpu-1": 1,
+    }
+    config = write_config(
+        tmp_path,
+        {"gpu-0": "http://127.0.0.1:9", "gpu-1": "http://127.0.0.1:9"},
+        daemon={"database": pg, "replicas": True},
+    )
+    code, out, err = await run_cli("replicas", "--json", "--config", str(config))
+    assert code == 0, err
+    listed = json.loads(out)
+    assert [r["id"] for r in listed] == ["a", "b"]
+    assert [s["server"] for s in listed[0]["servers"]] == ["gpu-0", "gpu-1"]
+    assert all(s["epoch"] == 1 and s["expires_at"] for s in listed[0]["servers"])
+    assert listed[1]["servers"] == []
+    assert listed[0]["pid"] == os.getpid() and listed[0]["heartbeat_at"]
+    code, out, _ = await run_cli("replicas", "--config", str(config))
+    assert code == 0 and "gpu-0  epoch 1" in out and "(no servers)" in out
+    await a.leave()
+    code, out, _ = await run_cli("replicas", "--json", "--config", str(config))
+    assert [r["id"] for r in json.loads(out)] == ["b"]
+    assert owned.labels("gpu-0")._value.get() == 0

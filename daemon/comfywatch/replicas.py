@@ -66,6 +66,7 @@ class Replica:
         #: Per server held: the lease's epoch, and until when (monotonic) it counts.
         self._held: dict[str, tuple[int, float]] = {}
         self._failing = False
+        self._exported: set[str] = set()  # the servers the gauge has a value for
 
     def configure(self, servers: Collection[str]) -> None:
         """The configured servers changed (a reload): the next heartbeat acts on them."""
@@ -162,7 +163,8 @@ class Replica:
     def _export(self, owned: set[str]) -> None:
         if self._metrics is None:
             return
-        for server in self._servers | owned:
+        self._exported |= self._servers | owned
+        for server in self._exported:
             self._metrics.lease_owned.labels(server).set(1 if server in owned else 0)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -194,6 +196,7 @@ class Replica:
         lost = set(self._held)
         self._held.clear()
         self._on_change(lost)
+        self._export(set())
         try:
             await self._store.leave(self.id)
         except StoreError as exc:
