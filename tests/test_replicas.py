@@ -274,3 +274,17 @@ async def test_replicas_lists_live_replicas_their_servers_and_lease_expiries(
     code, out, _ = await run_cli("replicas", "--json", "--config", str(config))
     assert [r["id"] for r in json.loads(out)] == ["b"]
     assert owned.labels("gpu-0")._value.get() == 0
+
+
+async def test_a_single_daemon_older_than_the_schema_refuses_to_start_on_sqlite(
+    tmp_path: Path,
+) -> None:
+    store = Store.open(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        await store.migrate()
+        async with store.engine.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+        with pytest.raises(StoreError, match=r"9999.*newer comfywatch.*upgrade this comfywatch"):
+            await store.migrate()
+    finally:
+        await store.close()
