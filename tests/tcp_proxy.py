@@ -1,6 +1,7 @@
 """A TCP proxy on a real port, for cutting a client off from a server (a network
 partition): :meth:`TcpProxy.cut` closes every connection and refuses new ones until
-:meth:`TcpProxy.mend`."""
+:meth:`TcpProxy.mend`; :meth:`TcpProxy.stall` keeps them open but forwards nothing (a
+network that drops packets: the client hears nothing, not even a refusal)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ class TcpProxy:
         self.target = (host, port)
         self.port = 0
         self.open = True
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -25,6 +28,7 @@ class TcpProxy:
         if not self.open:
             writer.close()
             return
+        await self._flowing.wait()
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -36,6 +40,7 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while self.open and (data := await reader.read(65_536)):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (OSError, ConnectionError):
@@ -51,11 +56,17 @@ class TcpProxy:
             writer.close()
         self._writers.clear()
 
+    def stall(self) -> None:
+        """Forward nothing more, on any connection, old or new; close none."""
+        self._flowing.clear()
+
     def mend(self) -> None:
         self.open = True
+        self._flowing.set()
 
     async def stop(self) -> None:
         self.cut()
+        self._flowing.set()  # the stalled pipes see the cut and end
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):

@@ -215,11 +215,15 @@ async def test_replicas_take_over_from_killed_ones(
         await receiver.stop()
 
 
+@pytest.mark.parametrize("partition", ["cut", "stall"])
 async def test_a_replica_cut_off_from_the_database_stops_polling_before_its_lease_expires(
     pg: str,  # noqa: F811
     tmp_path: Path,
     fakes: dict[str, FakeComfyUI],
+    partition: str,
 ) -> None:
+    """``cut``: its connections end and new ones are refused; ``stall``: the database
+    answers nothing more (the connections stay open, their requests hang)."""
     _, _, rest = pg.removeprefix("postgresql://").partition("@")
     address, _, name = rest.partition("/")
     host, _, port = address.partition(":")
@@ -258,12 +262,15 @@ async def test_a_replica_cut_off_from_the_database_stops_polling_before_its_leas
             r["server"]: r["expires_at"]
             for r in await db.fetch("SELECT server, expires_at FROM server_leases")
         }
-        proxy.cut()  # the replica's database connections drop, and new ones fail
-        await db.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = $1 AND pid <> pg_backend_pid()",
-            name,
-        )
+        if partition == "cut":
+            proxy.cut()  # the replica's database connections drop, and new ones fail
+            await db.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                name,
+            )
+        else:
+            proxy.stall()
         await proc.wait_event("lease_expired", timeout_s=WAIT_S)
         stopped_at = {
             server: max((p.finished_s for p in f.stats.polls(f"comfywatch/{replica}")), default=0.0)

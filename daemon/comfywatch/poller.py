@@ -85,6 +85,7 @@ class Poller:
         replicated: bool = False,
         fence: Callable[[], Fence | None] = lambda: None,
         user_agent: str = "comfywatch",
+        may_poll: Callable[[str], bool] = lambda _server: True,
     ) -> None:
         """``on_poll_done`` is called with a server's name when a poll that outlived its
         tick's budget finishes (so that its result is recorded soon). A job's latest
@@ -92,7 +93,9 @@ class Poller:
 
         ``replicated`` (``[daemon] replicas``): only the servers handed over by
         :meth:`own` are polled and their jobs kept; ``fence`` says what the writes are
-        conditional on. ``user_agent`` names this process to the servers."""
+        conditional on; ``may_poll(server)`` is asked as each poll starts (the lease still
+        counts). ``user_agent`` names this process to the servers."""
+        self._may_poll = may_poll
         self._store = store
         self._user_agent = user_agent
         #: The servers this replica holds the lease of (``None``: all, a single daemon).
@@ -386,6 +389,7 @@ class Poller:
                 continue
             if (
                 not self.owns(server)
+                or not self._may_poll(server)
                 or server in self._inflight
                 or not self._health.due(server, now_m)
                 or (only is not None and server not in only)

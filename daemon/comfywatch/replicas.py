@@ -72,6 +72,12 @@ class Replica:
         """The configured servers changed (a reload): the next heartbeat acts on them."""
         self._servers = frozenset(servers)
 
+    def holds(self, server: str) -> bool:
+        """Whether this replica may poll ``server`` at this moment (checked again as each
+        poll starts: a heartbeat stuck on an unanswering database changes nothing)."""
+        held = self._held.get(server)
+        return held is not None and held[1] > self._mono()
+
     def owned(self) -> set[str]:
         """The servers this replica may poll now (held, and not past their deadline)."""
         now_m = self._mono()
@@ -176,7 +182,13 @@ class Replica:
             now_m = self._mono()
             if now_m >= next_beat_m:
                 next_beat_m = now_m + every_s
-                await self.beat()
+                try:
+                    # A database that does not answer at all must not hold the loop: the
+                    # leases' deadlines are watched here.
+                    await asyncio.wait_for(self.beat(), timeout=every_s)
+                except TimeoutError:
+                    log.warning("lease_renewal_failed", replica=self.id, error="timed out")
+                    self._check_deadlines()
                 continue
             wake_m = next_beat_m
             deadline = self.next_deadline_m()
@@ -184,11 +196,15 @@ class Replica:
                 wake_m = min(wake_m, deadline)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(0.0, wake_m - now_m))
-            before = set(self._held)
-            self._expire()
-            if set(self._held) != before:
-                self._on_change(before - set(self._held))
-                self._export(self.owned())
+            self._check_deadlines()
+
+    def _check_deadlines(self) -> None:
+        """Drop the leases past their deadline, and say so."""
+        before = set(self._held)
+        self._expire()
+        if set(self._held) != before:
+            self._on_change(before - set(self._held))
+            self._export(self.owned())
 
     async def leave(self) -> None:
         """Give every lease back and deregister (a clean stop: the others take over at

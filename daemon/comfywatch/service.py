@@ -175,6 +175,7 @@ class Daemon:
             progress=self.progress,
             replicated=self.replica is not None,
             fence=self._fence,
+            may_poll=self._may_poll,
             user_agent="comfywatch" if self.replica is None else f"comfywatch/{self.replica.id}",
         )
         self._progress_writer = ProgressWriter(
@@ -192,6 +193,9 @@ class Daemon:
         )
 
     # -- replicas -----------------------------------------------------------------------
+
+    def _may_poll(self, server: str) -> bool:
+        return self.replica is None or self.replica.holds(server)
 
     def _fence(self) -> Fence | None:
         return None if self.replica is None else self.replica.fence()
