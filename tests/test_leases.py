@@ -3,6 +3,8 @@ about its leases in one heartbeat."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from comfywatch.leases import Lease, assign, lease_problem, plan, valid_until
@@ -90,7 +92,13 @@ def _mine(me: str, live: list[str]) -> set[str]:
         ),
     ],
 )
-def test_plan(case: str, leases, take, release, keep) -> None:  # type: ignore[no-untyped-def]
+def test_plan(
+    case: str,
+    leases: Callable[[set[str], set[str]], dict[str, Lease]],
+    take: str | set[str],
+    release: str | set[str],
+    keep: str | set[str],
+) -> None:
     mine = _mine("a", ["a", "b"])
     other = set(SERVERS) - mine
     named = {"mine": mine, "other": other}
