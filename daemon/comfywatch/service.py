@@ -271,11 +271,11 @@ class Daemon:
         self.status.servers_up = len(self.settings.servers)
         log.info(
             "daemon_started",
-            replica=None if self.replica is None else self.replica.id,
             config=str(self.settings.path),
             servers=sorted(self.settings.servers),
             jobs_configured=len(self.settings.jobs),
             jobs_added=len(added),
+            **({} if self.replica is None else {"replica": self.replica.id}),
         )
         for advice in await asyncio.to_thread(config_advice, self.settings):
             log.warning(
