@@ -56,6 +56,12 @@ _HELP: Mapping[str, str] = {
     "comfywatch_config_last_reload_success_timestamp_seconds": (
         "Unix time of the last successful configuration load (start-up or reload)."
     ),
+    "comfywatch_lease_owned": (
+        "With replicas: 1 if this replica holds the server's lease (polls it), else 0."
+    ),
+    "comfywatch_lease_takeovers_total": (
+        "With replicas: server leases this replica took (free, expired or given back)."
+    ),
 }
 
 
@@ -91,6 +97,8 @@ class Metrics:
         self.last_tick = self._gauge("comfywatch_last_tick_timestamp_seconds")
         self.reload_ok = self._gauge("comfywatch_config_last_reload_successful")
         self.reload_ok_at = self._gauge("comfywatch_config_last_reload_success_timestamp_seconds")
+        self.lease_owned = self._gauge("comfywatch_lease_owned", "server")
+        self.lease_takeovers = self._counter("comfywatch_lease_takeovers_total")
 
     def _counter(self, name: str, *labels: str) -> Counter:
         return Counter(name, _HELP[name], labels, registry=self.registry)

@@ -39,7 +39,7 @@ from comfywatch.restarts import Look, Mark
 from comfywatch.server_health import MAX_BACKOFF_S, ServerHealth, ServerHealthBook
 from comfywatch.server_poll import ServerPoll, poll_server
 from comfywatch.states import JobState
-from comfywatch.store import ActiveJob, Store
+from comfywatch.store import ActiveJob, Fence, Store
 from comfywatch.tracking import Decision, Policy, Seen, decide
 from comfywatch.watch import ServerWatch
 
@@ -83,17 +83,32 @@ class Poller:
         max_backoff_s: float = MAX_BACKOFF_S,
         on_poll_done: Callable[[str], None] | None = None,
         progress: ProgressBook | None = None,
+        replicated: bool = False,
+        fence: Callable[[], Fence | None] = lambda: None,
+        user_agent: str = "comfywatch",
+        may_poll: Callable[[str], bool] = lambda _server: True,
     ) -> None:
         """``on_poll_done`` is called with a server's name when a poll that outlived its
         tick's budget finishes (so that its result is recorded soon). A job's latest
-        ``progress`` (from the book) goes with each change of its state."""
+        ``progress`` (from the book) goes with each change of its state.
+
+        ``replicated`` (``[daemon] replicas``): only the servers handed over by
+        :meth:`own` are polled and their jobs kept; ``fence`` says what the writes are
+        conditional on; ``may_poll(server)`` is asked as each poll starts (the lease still
+        counts). ``user_agent`` names this process to the servers."""
+        self._may_poll = may_poll
         self._store = store
+        self._user_agent = user_agent
+        #: The servers this replica holds the lease of (``None``: all, a single daemon).
+        self._owned: set[str] | None = set() if replicated else None
         self._clock = clock
         self._metrics = metrics
         self._on_poll_done = on_poll_done
         self._health = ServerHealthBook(metrics=metrics, max_backoff_s=max_backoff_s)
         self._progress = progress
-        self._recorder = Recorder(store=store, metrics=metrics, mono=clock.mono, progress=progress)
+        self._recorder = Recorder(
+            store=store, metrics=metrics, mono=clock.mono, progress=progress, fence=fence
+        )
         self._clients: dict[str, ComfyClient] = {}
         self._watches: dict[str, ServerWatch] = {}
         self._open = OpenJobs()
@@ -138,7 +153,7 @@ class Poller:
                     self._health.reconfigured(name)  # its new settings are tried at once
         for name, settings in servers.items():
             if name not in self._clients:
-                self._clients[name] = ComfyClient(settings)
+                self._clients[name] = ComfyClient(settings, user_agent=self._user_agent)
         self._servers = dict(servers)
         self._hook_states = {name: hook.on for name, hook in hooks.items()}
         self._not_found_after_s = not_found_after_s
@@ -182,8 +197,63 @@ class Poller:
         """Load the non-terminal jobs from the store (once, at start); returns how many."""
         if not self._loaded:
             self._loaded = True
-            self.add(await self._store.active_jobs())
+            if self._owned is None:
+                self.add(await self._store.active_jobs())
         return len(self._open)
+
+    async def own(self, servers: Collection[str]) -> set[str]:
+        """With replicas: poll ``servers`` from now on (the leases held); those new to it
+        have their open jobs loaded, those no longer among them are dropped. Returns the
+        servers gained. Raises StoreError (nothing gained) if the jobs cannot be read."""
+        assert self._owned is not None, "only a replicated poller owns servers"
+        self.drop(self._owned - set(servers))
+        gained = set(servers) - self._owned
+        if not gained:
+            return gained
+        self._owned |= gained
+        try:
+            rows = await self._store.active_jobs(servers=sorted(gained))
+        except BaseException:
+            self._owned -= gained
+            raise
+        self.add(rows)
+        for server in gained:
+            if server in self._servers:
+                self._watch(server).resync()
+        return gained
+
+    async def refresh(self) -> int:
+        """With replicas: track the open jobs of the servers held that another replica
+        registered (it does not poll them, so it does not hand them over); returns how
+        many were new. Raises StoreError."""
+        if not self._owned:
+            return 0
+        rows = await self._store.active_jobs(servers=sorted(self._owned))
+        return self.add(rows)
+
+    def drop(self, servers: Collection[str]) -> None:
+        """With replicas: stop polling ``servers`` now (their lease is lost or given
+        back): a poll under way is cancelled, their jobs leave memory (another replica
+        loads them from the database)."""
+        if self._owned is None:
+            return
+        for server in servers:
+            self._owned.discard(server)
+            task = self._inflight.pop(server, None)
+            if task is not None:
+                task.cancel()  # network reads only; its result would be refused anyway
+            self._late.discard(server)
+            for open_job in list(self._open.on(server).values()):
+                self._open.remove(open_job.job.id)
+                if self._progress is not None:
+                    self._progress.forget(server, open_job.job.prompt_id)
+            self._due.pop(server, None)
+            self._recheck.pop(server, None)
+            self._watches.pop(server, None)
+
+    def owns(self, server: str) -> bool:
+        """Whether this process polls ``server`` (always, without replicas)."""
+        return self._owned is None or server in self._owned
 
     def add(self, jobs: Sequence[ActiveJob]) -> int:
         """Track jobs the store just registered (those known take their new hooks);
@@ -191,6 +261,8 @@ class Poller:
         added = 0
         now_m = self._clock.mono()
         for job in jobs:
+            if not self.owns(job.server):
+                continue  # another replica polls it
             had_jobs = bool(self._open.on(job.server))
             if not self._open.add(job):
                 continue
@@ -325,7 +397,9 @@ class Poller:
                     log.warning("server_not_configured", server=server, jobs=count)
                 continue
             if (
-                server in self._inflight
+                not self.owns(server)
+                or not self._may_poll(server)
+                or server in self._inflight
                 or not self._health.due(server, now_m)
                 or (only is not None and server not in only)
             ):

@@ -14,7 +14,7 @@ import structlog
 
 from comfywatch.errors import StoreError
 from comfywatch.progress import Noted, ProgressBook
-from comfywatch.store import ProgressUpdate, Store
+from comfywatch.store import Fence, ProgressUpdate, Store
 
 log = structlog.get_logger("comfywatch.progress")
 
@@ -32,8 +32,10 @@ class ProgressWriter:
         book: ProgressBook,
         job_id_of: JobIdOf,
         monotonic: Callable[[], float] = time.monotonic,
+        fence: Callable[[], Fence | None] = lambda: None,
     ) -> None:
         self._store = store
+        self._fence = fence
         self._book = book
         self._job_id_of = job_id_of
         self._monotonic = monotonic
@@ -68,7 +70,7 @@ class ProgressWriter:
         if not updates:
             return 0
         try:
-            await self._store.record_progress(updates)
+            await self._store.record_progress(updates, fence=self._fence())
         except StoreError as exc:
             self._book.unwritten(due)
             if not self._failing:

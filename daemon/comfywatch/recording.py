@@ -24,7 +24,7 @@ import structlog
 from comfywatch.metrics import Metrics
 from comfywatch.progress import ProgressBook
 from comfywatch.states import JobState
-from comfywatch.store import ActiveJob, Change, ProgressUpdate, Store
+from comfywatch.store import ActiveJob, Change, Fence, ProgressUpdate, Store
 from comfywatch.tracking import Decision, owed_hooks
 
 log = structlog.get_logger("comfywatch.poller")
@@ -50,8 +50,11 @@ class Recorder:
         metrics: Metrics | None,
         mono: Callable[[], float] = time.monotonic,
         progress: ProgressBook | None = None,
+        fence: Callable[[], Fence | None] = lambda: None,
     ) -> None:
+        """``fence``: the leases writes are conditional on (``[daemon] replicas``)."""
         self._store = store
+        self._fence = fence
         self._metrics = metrics
         self._mono = mono
         self._progress = progress
@@ -73,7 +76,9 @@ class Recorder:
             for job, decision in decisions
             if decision.state is not job.state
         ]
-        self._recording = asyncio.ensure_future(self._store.record(changes, now_s))
+        self._recording = asyncio.ensure_future(
+            self._store.record(changes, now_s, fence=self._fence())
+        )
         applied = set(await asyncio.shield(self._recording))
         committed_at_s = self._mono()
         observed = observed_at_s or {}

@@ -23,6 +23,11 @@ RESTART_ONLY: Mapping[str, str] = {
         "a reload cannot switch databases: the daemon keeps using the one it opened "
         "(restart it to use the new one)"
     ),
+    "daemon.replicas": "a reload cannot turn replicas on or off: restart the daemon",
+    "daemon.lease_s": (
+        "a reload cannot change the lease time: the other replicas rely on it "
+        "(restart the replicas one by one)"
+    ),
 }
 
 #: Attributes the loader derives from a key of the same table: a change is reported under

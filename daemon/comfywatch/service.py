@@ -30,14 +30,16 @@ from comfywatch.errors import ConfigError, LockLost, StoreError
 from comfywatch.history import Progress
 from comfywatch.hooks import HookDispatcher
 from comfywatch.housekeeping import Housekeeping
+from comfywatch.leases import beat_every_s
 from comfywatch.metrics import Metrics
 from comfywatch.notify import SystemdNotifier
 from comfywatch.poller import Poller
 from comfywatch.progress import ProgressBook
 from comfywatch.progress_writer import ProgressWriter
 from comfywatch.reload import changes, restart_only
+from comfywatch.replicas import Replica
 from comfywatch.spool import Spool
-from comfywatch.store import ActiveJob, NewJob, Store
+from comfywatch.store import ActiveJob, Fence, NewJob, Store
 from comfywatch.store.listen import DELIVERIES, REGISTERED, ChangeListener, listen_url
 from comfywatch.watchers import QueueWatchers
 from comfywatch.web import HttpListener, HttpMove
@@ -153,6 +155,19 @@ class Daemon:
         # Whether the last tick was recorded (so the counts in self.status are current).
         self._tick_recorded = False
         d = settings.daemon
+        #: With ``[daemon] replicas``: this daemon's registration and server leases.
+        self.replica: Replica | None = None
+        if d.replicas:
+            self.replica = Replica(
+                store,
+                servers=settings.servers,
+                lease_s=d.lease_s,
+                metrics=self.metrics,
+                mono=clock.mono,
+                on_change=self._leases_changed,
+            )
+        self._replica_task: asyncio.Task[None] | None = None
+        self._jobs_synced_m = 0.0  # when the held servers' jobs are read again (monotonic)
         self.poller = Poller(
             store=store,
             servers=settings.servers,
@@ -163,9 +178,13 @@ class Daemon:
             clock=clock,
             on_poll_done=self.hint,  # a slow server's late result: record it soon
             progress=self.progress,
+            replicated=self.replica is not None,
+            fence=self._fence,
+            may_poll=self._may_poll,
+            user_agent="comfywatch" if self.replica is None else f"comfywatch/{self.replica.id}",
         )
         self._progress_writer = ProgressWriter(
-            store=store, book=self.progress, job_id_of=self.poller.job_id
+            store=store, book=self.progress, job_id_of=self.poller.job_id, fence=self._fence
         )
         self._progress_task: asyncio.Task[None] | None = None
         #: Jobs another process registered (heard of on PostgreSQL): loaded on the next pass.
@@ -179,6 +198,42 @@ class Daemon:
             clock=clock,
             look_every_s=d.poll_interval_s,
         )
+
+    # -- replicas -----------------------------------------------------------------------
+
+    def _may_poll(self, server: str) -> bool:
+        return self.replica is None or self.replica.holds(server)
+
+    def _fence(self) -> Fence | None:
+        return None if self.replica is None else self.replica.fence()
+
+    def _leases_changed(self, lost: set[str]) -> None:
+        """The replica's leases changed: stop polling the servers lost at once; the main
+        loop loads the jobs of those gained (:meth:`_own_leases`)."""
+        self.poller.drop(lost)
+        self.dispatcher.wake()
+        self._wake.set()
+
+    async def _own_leases(self) -> None:
+        """Hand the servers whose lease this replica holds to the poller."""
+        if self.replica is None:
+            return
+        try:
+            gained = await self.poller.own(self.replica.owned())
+            now_m = self._clock.mono()
+            if now_m >= self._jobs_synced_m:
+                # Jobs registered through another replica (the config, a spool file it
+                # read first, `register`) reach the owner of their server here.
+                self._jobs_synced_m = now_m + beat_every_s(self.settings.daemon.lease_s)
+                if await self.poller.refresh():
+                    self._wake.set()
+        except StoreError as exc:
+            log.warning("lease_jobs_not_loaded", error=str(exc))
+            return
+        for server in gained:
+            self.hint(server)
+        if gained:
+            self.dispatcher.wake()  # what those servers' jobs owe
 
     # -- control ------------------------------------------------------------------------
 
@@ -245,6 +300,9 @@ class Daemon:
         """Migrate the schema and register the configured jobs."""
         await self.store.migrate()
         added = await self.store.register(new_jobs(self.settings), self._clock.wall())
+        if self.replica is not None:
+            await self.replica.beat()  # registers; takes the free leases assigned to it
+            await self._own_leases()
         # STATUS= goes out with READY=1: counts from the database, not zeros. No server has
         # failed a poll yet (ticks count a server as up until one does).
         self.status.active_jobs = await self.poller.load()
@@ -256,6 +314,7 @@ class Daemon:
             servers=sorted(self.settings.servers),
             jobs_configured=len(self.settings.jobs),
             jobs_added=len(added),
+            **({} if self.replica is None else {"replica": self.replica.id}),
         )
         for advice in await asyncio.to_thread(config_advice, self.settings):
             log.warning(
@@ -318,6 +377,8 @@ class Daemon:
             look_every_s=d.poll_interval_s,
         )
         self.spool.configure(settings)
+        if self.replica is not None:
+            self.replica.configure(settings.servers)
         self.settings = settings
         new = self._registered(added)
         if self.status.ready:
@@ -395,6 +456,9 @@ class Daemon:
         self._progress_task.add_done_callback(lambda _: self.notice_trouble())
         dispatcher_task.add_done_callback(lambda _: self.notice_trouble())
         self._listen()
+        if self.replica is not None:
+            self._replica_task = asyncio.create_task(self.replica.run(self.stop_event))
+            self._replica_task.add_done_callback(lambda _: self.notice_trouble())
         failing: BaseException | None = None  # what ends the loop, if anything does
         try:
             self.status.ready = True
@@ -403,6 +467,7 @@ class Daemon:
             next_full_s = time.monotonic()
             while not self.stop_event.is_set():
                 await self._check_background(dispatcher_task)
+                await self._own_leases()
                 reloaded = False
                 if self._reload_event.is_set():
                     self._reload_event.clear()
@@ -442,6 +507,12 @@ class Daemon:
                 await asyncio.wait({self._listen_task})
                 if not self._listen_task.cancelled() and self._listen_task.exception():
                     failures.append(self._listen_task.exception())  # type: ignore[arg-type]
+            if self._replica_task is not None:
+                await asyncio.wait({self._replica_task})
+                if not self._replica_task.cancelled():
+                    replica_failure = self._replica_task.exception()
+                    if replica_failure is not None:
+                        failures.append(replica_failure)
             await asyncio.wait({self._progress_task})  # ends its write in flight, if any
             if not self._progress_task.cancelled():
                 progress_failure = self._progress_task.exception()
@@ -452,6 +523,8 @@ class Daemon:
                 failures += await self._stop_dispatcher(dispatcher_task)
             finally:
                 await self.poller.close()
+                if self.replica is not None:
+                    await self.replica.leave()  # the others take its servers at once
                 await self.dispatcher.close()
                 log.info("daemon_stopped")
             self._raise_late(failures, failing)
@@ -612,6 +685,9 @@ class Daemon:
         if dispatcher.done():
             dispatcher.result()
             raise RuntimeError("hook dispatcher stopped unexpectedly")
+        if self._replica_task is not None and self._replica_task.done():
+            self._replica_task.result()
+            raise RuntimeError("replica heartbeat stopped unexpectedly")
         if self._progress_task is not None and self._progress_task.done():
             self._progress_task.result()
             raise RuntimeError("progress writer stopped unexpectedly")
@@ -662,7 +738,8 @@ async def run_daemon(
             daemon.notice_trouble()
 
     try:
-        await store.lock_for_daemon(on_lost=lock_lost)
+        if not settings.daemon.replicas:  # replicas share the database, under leases
+            await store.lock_for_daemon(on_lost=lock_lost)
         # What exists now (modules, classes, the ORM, settings) lives as long as the process:
         # full collections skip it from here on. Scanning it again at each one stalled the
         # loop for a few hundred ms on a busy machine while a flood of spool files came in.

@@ -4,8 +4,8 @@ Light on purpose: ``--version`` and ``--help`` import argparse and the state nam
 Each command group's module is imported when one of its commands runs: ``daemon`` (run,
 check-config, migrate), ``jobs`` (jobs, show), ``hooks``, ``prune``, ``health``
 (healthcheck), ``register`` (a spool file), ``submit`` (a workflow, then a spool file),
-``wait``, ``secret`` (hooks new-secret), ``live`` (watch: rich), ``completion`` (shtab) and
-``fake`` (fake-server). The queries read the database without Alembic
+``wait``, ``replicas``, ``secret`` (hooks new-secret), ``live`` (watch: rich), ``completion``
+(shtab) and ``fake`` (fake-server). The queries read the database without Alembic
 (:mod:`comfywatch.store.readonly`); only the daemon and ``fake-server`` need aiohttp.
 
 A reader that stops early (``comfywatch jobs --json | head -1``) ends the command quietly
@@ -89,6 +89,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from comfywatch.cli import health
 
         return health.healthcheck(args)
+    if command == "replicas":
+        from comfywatch.cli import replicas
+
+        return replicas.list_replicas(args)
     if command == "register":
         from comfywatch.cli import register
 

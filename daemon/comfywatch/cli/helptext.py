@@ -67,6 +67,17 @@ set, else the database is readable and at this version's schema. Exit 1 otherwis
 example:
   comfywatch healthcheck || systemctl restart comfywatch""",
     ),
+    "replicas": (
+        """\
+List the live replicas sharing the database ([daemon] replicas = true): each one's host,
+process, version and last heartbeat, the servers whose lease it holds (it polls them and
+sends their jobs' hooks), each lease's epoch and expiry. A table, or a JSON array with
+--json. The database is read only, never changed.""",
+        """\
+examples:
+  comfywatch replicas
+  comfywatch replicas --json | jq -r '.[] | "\\(.id) \\(.servers | length)"'""",
+    ),
     "jobs": (
         """\
 List tracked jobs, newest registration first: a table, or a JSON array with --json (the

@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 0 if the running daemon is healthy (its /healthz, else the database)",
     )
 
+    replicas = sub.add_parser(
+        "replicas",
+        parents=[common],
+        help="list the live replicas, their servers and lease expiries",
+    )
+    replicas.add_argument("--json", action="store_true", help="print a JSON array")
+
     jobs = sub.add_parser("jobs", parents=[common], help="list tracked jobs")
     jobs.add_argument(
         "--state",

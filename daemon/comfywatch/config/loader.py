@@ -43,6 +43,7 @@ from comfywatch.config.settings import (
     WebhookHookSettings,
 )
 from comfywatch.errors import ConfigError
+from comfywatch.leases import lease_problem
 
 __all__ = ["CONFIG_ENV_VAR", "DEFAULT_CONFIG_PATH", "default_config_path", "load_settings"]
 
@@ -261,6 +262,16 @@ class _Loader:
         problems = Problems()
         database_url = problems.check(self._database_url, doc, daemon.database_url)
         problems.check(check_hook_names, doc, (*loc, "default_hooks"), daemon.default_hooks, hooks)
+        if daemon.replicas and database_url is not None and database_url.startswith("sqlite"):
+            problems.add(
+                doc.error(
+                    (*loc, "replicas"),
+                    "needs a PostgreSQL database: several daemons cannot share a SQLite "
+                    'file (set database = "postgresql://...", or replicas = false)',
+                )
+            )
+        if daemon.replicas and (why := lease_problem(daemon.lease_s, daemon.poll_interval_s)):
+            problems.add(doc.error((*loc, "lease_s"), why))
         problems.raise_all()
         jobs_dir = None if daemon.jobs_dir is None else self._resolve(daemon.jobs_dir)
         return daemon.model_copy(update={"database_url": database_url, "jobs_dir": jobs_dir})

@@ -143,6 +143,9 @@ class DaemonSettings(Table):
     log_format: Literal["auto", "json", "console"] = "auto"
     max_history_fetches: HistoryFetches = DEFAULT_HISTORY_FETCHES  # for servers that set none
     hook_concurrency: Count = 8
+    # Several daemons on one PostgreSQL database, each server polled by one at a time.
+    replicas: bool = False
+    lease_s: PositiveS = 15.0  # how long a server's lease lasts without a renewal
 
     @property
     def http_host(self) -> str | None:

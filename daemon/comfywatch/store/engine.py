@@ -43,7 +43,7 @@ from comfywatch.store.drivers import (
     short_error,
     sqlite_path,
 )
-from comfywatch.store.readonly import require_schema_head, schema_revision
+from comfywatch.store.readonly import require_known_schema, require_schema_head, schema_revision
 
 BUSY_TIMEOUT_MS = 5_000
 DB_FILE_MODE = 0o640
@@ -53,6 +53,9 @@ DB_DIR_MODE = 0o750
 #: lock's connection is still there, and how long it waits for the answer.
 LOCK_CHECK_EVERY_S = 1.0
 LOCK_CHECK_TIMEOUT_S = 10.0
+
+#: The advisory lock (a bigint key of its own) held while migrating on PostgreSQL.
+MIGRATE_LOCK_KEY = 0x636F6D66795F6D67  # "comfy_mg"
 
 #: Execution option of a transaction that only reads: SQLite begins it deferred.
 _READ_ONLY = "comfywatch_read_only"
@@ -220,6 +223,11 @@ class Database:
 
         try:
             async with self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    # Replicas starting together: one migrates, the others wait for it and
+                    # then find nothing to do. Released when this transaction ends.
+                    await conn.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATE_LOCK_KEY})"))
+                require_known_schema(await conn.run_sync(schema_revision))
                 await conn.run_sync(schema.upgrade)
         except schema.MigrationError as exc:
             # e.g. the database was migrated by a newer comfywatch

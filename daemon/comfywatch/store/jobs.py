@@ -7,7 +7,7 @@ deliveries they owe (the outbox), so a hook is owed exactly when its job's end i
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +20,7 @@ from comfywatch.store.engine import Database
 from comfywatch.store.listen import DELIVERIES, JOBS, notify
 from comfywatch.store.models import HookDelivery, Job, JobOutput
 from comfywatch.store.reads import outputs_of, select_job, select_jobs
+from comfywatch.store.replicas import fenced_servers
 from comfywatch.store.rows import (
     chunks,
     utc,
@@ -28,6 +29,7 @@ from comfywatch.store.rows import (
 from comfywatch.store.values import (
     ActiveJob,
     Change,
+    Fence,
     JobFilter,
     JobRecord,
     ProgressUpdate,
@@ -43,9 +45,14 @@ _DELIVERIES: Table = HookDelivery.__table__
 class JobQueries(Database):
     """Tracking and reading jobs (registering them: :mod:`comfywatch.store.registration`)."""
 
-    async def active_jobs(self, ids: Sequence[int] | None = None) -> list[ActiveJob]:
-        """The jobs not terminal yet (only those among ``ids``, if given)."""
+    async def active_jobs(
+        self, ids: Sequence[int] | None = None, *, servers: Collection[str] | None = None
+    ) -> list[ActiveJob]:
+        """The jobs not terminal yet (only those among ``ids``, and of ``servers``, when
+        given)."""
         wanted = [Job.id.in_(list(ids))] if ids is not None else []
+        if servers is not None:
+            wanted.append(Job.server.in_(list(servers)))
         async with self._session(read_only=True) as session:
             rows = await session.execute(
                 select(
@@ -73,19 +80,24 @@ class JobQueries(Database):
                 for r in rows
             ]
 
-    async def record(self, changes: Sequence[Change], now_s: float) -> list[int]:
+    async def record(
+        self, changes: Sequence[Change], now_s: float, *, fence: Fence | None = None
+    ) -> list[int]:
         """Apply one tick's changes in one transaction; returns the ids actually changed.
 
         A job already terminal in the database is never touched again (terminal states
         never change), so a change computed from stale data is dropped, not applied. Jobs,
         outputs and deliveries are written in bulk: one ``executemany`` per statement.
+
+        With a ``fence`` (several replicas), only the jobs of servers whose lease is still
+        the fence's (owner and epoch) are written; the others are dropped.
         """
         if not changes:
             return []
         now = utc(now_s)
         by_id = {change.job_id: change for change in changes}
         async with self._session() as session:
-            live = await _lock_active(session, list(by_id))
+            live = await _lock_active(session, list(by_id), fence)
             applied = [job_id for job_id in by_id if job_id in live]
             if not applied:
                 return []
@@ -111,12 +123,18 @@ class JobQueries(Database):
                 await notify(session, JOBS, ended)
         return applied
 
-    async def record_progress(self, updates: Sequence[ProgressUpdate]) -> None:
+    async def record_progress(
+        self, updates: Sequence[ProgressUpdate], *, fence: Fence | None = None
+    ) -> None:
         """Write the jobs' latest progress in one transaction (one ``executemany``); a job
-        already terminal is left as it is."""
+        already terminal is left as it is, and so is one whose server's lease is no longer
+        ``fence``'s."""
         if not updates:
             return
         async with self._session() as session:
+            if fence is not None:
+                live = await _lock_active(session, [u.job_id for u in updates], fence)
+                updates = [u for u in updates if u.job_id in live]
             await _update_active(session, [(u.job_id, _progress_values(u)) for u in updates])
 
     async def jobs(
@@ -137,20 +155,30 @@ class JobQueries(Database):
             return await session.run_sync(lambda s: select_job(s.connection(), job_id))
 
 
-async def _lock_active(session: AsyncSession, ids: Sequence[int]) -> dict[int, str]:
+async def _lock_active(
+    session: AsyncSession, ids: Sequence[int], fence: Fence | None = None
+) -> dict[int, str]:
     """Those of ``ids`` that are still active, locked until the transaction ends, each
     with its ``server/prompt_id``.
 
     On SQLite the write lock is already held (``BEGIN IMMEDIATE``); elsewhere ``FOR UPDATE``
     takes it: either way the rows found active stay active until this transaction commits.
+    With a ``fence``, only the jobs of servers whose lease is still its own (their lease
+    rows locked too, so no takeover commits before this transaction does).
     """
+    allowed: set[str] | None = None
+    if fence is not None:
+        allowed = await fenced_servers(session, fence, fence.epochs)
+        if not allowed:
+            return {}
     live: dict[int, str] = {}
     for chunk in chunks(ids):
-        rows = await session.execute(
-            select(Job.id, Job.server, Job.prompt_id)
-            .where(Job.id.in_(chunk), Job.state.in_(_ACTIVE))
-            .with_for_update()
+        query = select(Job.id, Job.server, Job.prompt_id).where(
+            Job.id.in_(chunk), Job.state.in_(_ACTIVE)
         )
+        if allowed is not None:
+            query = query.where(Job.server.in_(sorted(allowed)))
+        rows = await session.execute(query.with_for_update())
         live.update({r.id: f"{r.server}/{r.prompt_id}" for r in rows})
     return live
 

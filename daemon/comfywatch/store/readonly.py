@@ -62,6 +62,19 @@ def require_schema_head(current: str | None) -> None:
     )
 
 
+def require_known_schema(current: str | None) -> None:
+    """Raise :class:`StoreError` if the database is at a revision this version does not
+    know: a newer comfywatch migrated it, and this older one must not run on it (upgrade
+    every replica first, then restart them one by one)."""
+    if current is None or current in SCHEMA_REVISIONS:
+        return
+    raise StoreError(
+        f"database schema is at {current}, which this version does not know (it knows "
+        f"{', '.join(SCHEMA_REVISIONS)}): the database was migrated by a newer comfywatch; "
+        "upgrade this comfywatch before starting it"
+    )
+
+
 def read(url: str, query: Callable[[Connection], T], *, check_schema: bool = True) -> T:
     """Run ``query`` in one read-only transaction on the database at ``url``.
 

@@ -22,7 +22,7 @@ from sqlalchemy import ColumnElement, Connection, Select, and_, func, select
 from comfywatch.history import OutputRecord
 from comfywatch.states import ACTIVE_STATES, DeliveryState, JobState
 from comfywatch.store.rows import chunks, utc
-from comfywatch.store.tables import hook_deliveries, job_outputs, jobs
+from comfywatch.store.tables import hook_deliveries, job_outputs, jobs, replicas, server_leases
 from comfywatch.store.values import (
     OUTPUT_FIELDS,
     DeliveryRecord,
@@ -31,6 +31,7 @@ from comfywatch.store.values import (
     JobRecord,
     JobRow,
     PruneCandidate,
+    ReplicaRow,
 )
 
 _JOBS = jobs
@@ -286,3 +287,32 @@ def _deliveries(conn: Connection, ids: Sequence[int]) -> dict[int, list[Delivery
             delivery = DeliveryRow(*row)
             deliveries.setdefault(delivery.job_id, []).append(delivery)
     return deliveries
+
+
+def select_replicas(conn: Connection) -> list[ReplicaRow]:
+    """The live replicas (registration not expired), each with its unexpired leases, by id;
+    on the database's clock."""
+    now = func.current_timestamp()
+    rows = conn.execute(
+        select(replicas).where(replicas.c.expires_at > now).order_by(replicas.c.id)
+    ).all()
+    held: dict[str, list[tuple[str, int, Any]]] = {}
+    for lease in conn.execute(
+        select(server_leases)
+        .where(server_leases.c.owner.is_not(None), server_leases.c.expires_at > now)
+        .order_by(server_leases.c.server)
+    ):
+        held.setdefault(lease.owner, []).append((lease.server, lease.epoch, lease.expires_at))
+    return [
+        ReplicaRow(
+            id=r.id,
+            host=r.host,
+            pid=r.pid,
+            version=r.version,
+            started_at=r.started_at,
+            heartbeat_at=r.heartbeat_at,
+            expires_at=r.expires_at,
+            leases=tuple(held.get(r.id, ())),
+        )
+        for r in rows
+    ]

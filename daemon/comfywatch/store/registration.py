@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from comfywatch.states import ACTIVE_STATES, JobState
@@ -149,9 +150,16 @@ async def _insert(session: AsyncSession, jobs: list[NewJob], now: datetime) -> l
         for job in jobs
     ]
     inserted: list[ActiveJob] = []
+    statement = insert(Job)
+    if session.get_bind().dialect.name == "postgresql":
+        # Replicas sharing a spool register the same file at once: the one that loses
+        # the race inserts nothing (its rows were inserted by the other).
+        statement = pg_insert(Job).on_conflict_do_nothing(
+            index_elements=[Job.server, Job.prompt_id]
+        )
     for chunk in chunks(rows):
         result = await session.execute(
-            insert(Job).returning(Job.id, Job.server, Job.prompt_id), list(chunk)
+            statement.returning(Job.id, Job.server, Job.prompt_id), list(chunk)
         )
         inserted.extend(
             ActiveJob(

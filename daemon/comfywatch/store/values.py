@@ -234,3 +234,28 @@ def output_columns(out: OutputRecord) -> dict[str, Any]:
     if out.is_file:
         columns["value"] = None
     return columns
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """The leases a replica writes under (``[daemon] replicas``): its id, and the epoch of
+    each server's lease it holds. A write for a job of a server whose lease has another
+    owner or another epoch now is refused (the replica lost it, and another took over)."""
+
+    owner: str
+    epochs: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRow:
+    """A live replica, with the leases it holds (``comfywatch replicas``)."""
+
+    id: str
+    host: str
+    pid: int
+    version: str
+    started_at: datetime
+    heartbeat_at: datetime
+    expires_at: datetime
+    #: Each server it holds, with its epoch and when that lease expires.
+    leases: tuple[tuple[str, int, datetime | None], ...]
