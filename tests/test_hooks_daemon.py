@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from standardwebhooks import Webhook
 
 from comfywatch.config import load_settings
@@ -21,6 +22,9 @@ from .daemon_proc import DaemonProcess, connect
 from .helpers import comfywatch
 from .receiver import Receiver
 from .test_hooks import WHSEC
+
+# Every test once on SQLite, once on PostgreSQL (the daemon's database is the backend's).
+pytestmark = pytest.mark.usefixtures("backend")
 
 HOOKS = """
 [hooks.notify]

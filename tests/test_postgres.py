@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,31 +19,11 @@ from comfywatch.states import DeliveryState, JobState, Reason
 from comfywatch.store import Change, FinishedAttempt, JobFilter, NewJob, Store
 from comfywatch.store.readonly import read, schema_revision
 
-from .conftest import write_config
+from .conftest import ADMIN_URL, write_config
 from .helpers import comfywatch, only_entry
 from .receiver import Receiver
 from .test_hooks import webhook
 from .test_migrations import _diff
-
-ADMIN_URL = os.environ.get("COMFYWATCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-@pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    asyncpg = pytest.importorskip("asyncpg")
-    name = f"comfywatch_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = await asyncpg.connect(ADMIN_URL.replace("postgresql://", "postgres://"), timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"no PostgreSQL at {ADMIN_URL}: {exc}")
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_store_round_trip_on_postgresql(pg_url: str) -> None:

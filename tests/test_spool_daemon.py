@@ -22,6 +22,9 @@ from comfywatch.testing import FakeComfyUI
 from .conftest import jobs_toml, toml_value, write_config
 from .daemon_proc import DaemonProcess, connect, job_states, run_cli
 
+# Every test once on SQLite, once on PostgreSQL (the daemon's database is the backend's).
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 def drop(spool: Path, name: str, text: str) -> None:
     """Writes ``text`` as a dotfile and renames it in, as producers must."""
