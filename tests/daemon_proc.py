@@ -250,15 +250,19 @@ class PgConnection:
         self.dsn = url.replace("+asyncpg", "", 1)
 
     def execute(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> Rows:
+        return Rows(tuple(row.values()) for row in self.dicts(sql, params))
+
+    def dicts(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[dict[str, Any]]:
+        """The rows as column -> value."""
         parts = sql.split("?")
         sql = parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], 1))
 
-        async def run() -> Rows:
+        async def run() -> list[dict[str, Any]]:
             import asyncpg
 
             conn = await asyncpg.connect(self.dsn, timeout=30)
             try:
-                return Rows(tuple(row) for row in await conn.fetch(sql, *params))
+                return [dict(row.items()) for row in await conn.fetch(sql, *params)]
             finally:
                 await conn.close()
 

@@ -170,6 +170,8 @@ FLOOD = 20_000
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+# Files and batches, the same on both backends: SQLite alone keeps the suite short.
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 async def test_a_flood_of_files_is_taken_in_batches_while_healthz_answers(
     tmp_path: Path, backend: str
 ) -> None:
