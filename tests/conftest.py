@@ -216,9 +216,13 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    """A migrated store on a fresh SQLite file."""
-    db = Store.open("sqlite:///" + str(db_path))
+async def store(request: pytest.FixtureRequest, db_path: Path) -> AsyncIterator[Store]:
+    """A migrated store on a fresh SQLite file; in a test that uses ``backend``, on the
+    backend's database."""
+    url = "sqlite:///" + str(db_path)
+    if "backend" in request.fixturenames:
+        url = request.getfixturevalue("backend")
+    db = Store.open(url)
     await db.migrate()
     try:
         yield db
