@@ -147,3 +147,14 @@ async def test_a_second_daemon_on_the_same_database_is_refused(
         await first.close()
     code, _, err = await comfywatch("run", "--config", str(config), "--until-done")
     assert code == 0, err  # the lock went with the first process
+
+
+async def test_check_config_before_any_daemon_ran(tmp_path: Path, backend: str) -> None:
+    """No database yet (a SQLite file not there, a PostgreSQL database not migrated): the
+    jobs have nothing to be compared with, and that is no warning."""
+    config = write_config(
+        tmp_path, {"local": "http://127.0.0.1:1"}, [{"server": "local", "prompt_id": "p1"}]
+    )
+    code, _, err = await comfywatch("check-config", "--config", str(config))
+    assert code == 0, err
+    assert "not compared" not in err and "schema" not in err, err
