@@ -17,8 +17,8 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -243,11 +243,23 @@ class Rows(list[tuple[Any, ...]]):
 
 class PgConnection:
     """PostgreSQL read the way the tests read a SQLite file: ``execute(sql, params)`` with
-    ``?`` placeholders, synchronous (each statement on its own asyncpg connection, run on a
-    thread of its own, so the caller's event loop is not touched), autocommit."""
+    ``?`` placeholders, synchronous, autocommit. One asyncpg connection, on an event loop of
+    its own on a thread of its own (the caller's event loop is not touched)."""
 
     def __init__(self, url: str) -> None:
-        self.dsn = url.replace("+asyncpg", "", 1)
+        import asyncpg
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        dsn = url.replace("+asyncpg", "", 1)
+        self._conn = self._run(asyncpg.connect(dsn, timeout=30))
+
+    def _run(self, coro: Awaitable[Any]) -> Any:
+        async def wrapped() -> Any:
+            return await coro
+
+        return asyncio.run_coroutine_threadsafe(wrapped(), self._loop).result(timeout=60)
 
     def execute(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> Rows:
         return Rows(tuple(row.values()) for row in self.dicts(sql, params))
@@ -256,18 +268,15 @@ class PgConnection:
         """The rows as column -> value."""
         parts = sql.split("?")
         sql = parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], 1))
+        return [dict(row.items()) for row in self._run(self._conn.fetch(sql, *params))]
 
-        async def run() -> list[dict[str, Any]]:
-            import asyncpg
-
-            conn = await asyncpg.connect(self.dsn, timeout=30)
-            try:
-                return [dict(row.items()) for row in await conn.fetch(sql, *params)]
-            finally:
-                await conn.close()
-
-        with ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, run()).result()
+    def close(self) -> None:
+        try:
+            self._run(self._conn.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+            self._loop.close()
 
 
 @contextlib.contextmanager
@@ -282,7 +291,11 @@ def connect(
     """
     if isinstance(where, str):
         if not where.startswith("sqlite"):
-            yield PgConnection(where)
+            pg = PgConnection(where)
+            try:
+                yield pg
+            finally:
+                pg.close()
             return
         where = Path(where.split("///", 1)[1])
     conn = sqlite3.connect(

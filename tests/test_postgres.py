@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection, text
@@ -219,3 +220,73 @@ async def test_a_daemon_whose_lock_is_terminated_stops(pg_url: str, tmp_path: Pa
     assert lost["level"] == "error" and "lost the lock" in lost["error"]
     assert "lost the lock" in proc.stderr
     assert proc.named("daemon_stopped")
+
+
+async def fill(url: str, now: float) -> None:
+    """The same jobs, outputs, deliveries and attempts, at the same times."""
+    store = Store.open(url)
+    try:
+        await store.migrate()
+        jobs = [
+            NewJob("local", "p-ok", {"batch": "b1", "n": "1"}, ("notify",), "test"),
+            NewJob("local", "p-err", {"batch": "b2"}, (), "test"),
+            NewJob("local", "p-open", {}, (), "test"),
+        ]
+        await store.register(jobs, now)
+        ids = {j.prompt_id: j.id for j in await store.active_jobs()}
+        ok = parse_history_entry(*only_entry("success_saveimage_history.json"))
+        err = parse_history_entry(*only_entry("runtime_error_history.json"))
+        await store.record(
+            [
+                Change(ids["p-ok"], JobState.SUCCESS, Reason.FINISHED, ok, deliveries=["notify"]),
+                Change(ids["p-err"], JobState.ERROR, Reason.FINISHED, err),
+                Change(ids["p-open"], JobState.QUEUED),
+            ],
+            now + 1.25,
+        )
+        [(delivery, _)] = await store.deliveries()
+        attempt = FinishedAttempt(
+            delivery.id, 1, DeliveryState.PENDING, now + 2.5, now + 12.5, 500, "HTTP 500", "busy"
+        )
+        await store.record_attempts([attempt])
+    finally:
+        await store.close()
+
+
+def same(printed: Any) -> Any:
+    """``printed`` with each delivery's event id (random, made when it is written) masked."""
+    if isinstance(printed, list):
+        return [same(item) for item in printed]
+    if isinstance(printed, dict):
+        return {k: "*" if k == "event_id" else same(v) for k, v in printed.items()}
+    return printed
+
+
+async def test_the_commands_print_the_same_json_on_both_backends(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The same data in a SQLite file and in PostgreSQL: jobs, show and hooks print the
+    same JSON (times, labels, outputs, errors, deliveries), event ids apart."""
+    now = 1_767_225_600.5
+    outputs = {}
+    for name, url in (("sqlite", f"sqlite:///{tmp_path / 'same.db'}"), ("postgresql", pg_url)):
+        await fill(url, now)
+        folder = tmp_path / name
+        folder.mkdir()
+        config = str(
+            write_config(folder, {"local": "http://127.0.0.1:9"}, daemon={"database": url})
+        )
+        printed = []
+        for args in (
+            ("jobs", "--json"),
+            ("jobs", "--json", "--label", "batch=b1"),
+            ("show", "p-ok", "--json"),
+            ("show", "p-err", "--json"),
+            ("hooks", "--json"),
+        ):
+            code, out, err = await comfywatch(*args, "--config", config)
+            assert code == 0, (args, err)
+            printed.append(json.loads(out))
+        outputs[name] = printed
+    assert same(outputs["sqlite"]) == same(outputs["postgresql"])
+    assert outputs["sqlite"][0] and outputs["sqlite"][4]  # something was compared
