@@ -89,11 +89,13 @@ def read(url: str, query: Callable[[Connection], T], *, check_schema: bool = Tru
 
 def read_unless_new(url: str, query: Callable[[Connection], T], new: T) -> T:
     """:func:`read`, except that a database no daemon has created or migrated yet (a SQLite
-    file not there, a PostgreSQL database without the schema) gives ``new``."""
+    file not there, a PostgreSQL database without the schema) gives ``new``. A SQLite file
+    that is there without the schema is not one a daemon made: an error, as with read."""
     if is_sqlite(url):
         path = sqlite_path(url)
         if path is not None and not path.exists():
             return new
+        return read(url, query)
 
     def unless_new(conn: Connection) -> T:
         current = schema_revision(conn)
