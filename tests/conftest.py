@@ -1,8 +1,12 @@
-"""Fixtures: a fake ComfyUI on a real port, config files in a temp folder, a real SQLite file."""
+"""Fixtures: a fake ComfyUI on a real port, config files in a temp folder, a real SQLite file
+or a fresh PostgreSQL database."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import textwrap
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -71,6 +75,69 @@ def jobs_toml(jobs: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+ADMIN_URL = os.environ.get("COMFYWATCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+"""Where the tests create (and drop) their PostgreSQL databases: a role that may create
+databases. ``COMFYWATCH_TEST_PG`` overrides it."""
+
+# The database ``write_config`` writes when the test does not name one: the ``backend``
+# fixture's for the test's duration, else a SQLite file beside the config.
+_default_database = "sqlite:///comfywatch.db"
+
+
+async def admin_connect() -> Any:
+    """An asyncpg connection to :data:`ADMIN_URL`. Where no PostgreSQL answers, the test
+    is skipped, saying so; except on CI (``CI=true``), where that is a failure."""
+    asyncpg = pytest.importorskip("asyncpg")
+    try:
+        return await asyncpg.connect(ADMIN_URL.replace("postgresql://", "postgres://"), timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        message = f"no PostgreSQL at {ADMIN_URL} (set COMFYWATCH_TEST_PG): {exc}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}; CI must test PostgreSQL", pytrace=False)
+        pytest.skip(message)
+
+
+@contextlib.asynccontextmanager
+async def pg_database() -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database (its URL, driver left to the store), dropped
+    afterwards with whatever is still connected to it."""
+    admin = await admin_connect()
+    name = f"comfywatch_test_{uuid.uuid4().hex[:12]}"
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database of its own (see :func:`pg_database`)."""
+    async with pg_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """Each test once per database backend: the URL of a SQLite file
+    (``tmp_path/comfywatch.db``, not created) or of a fresh PostgreSQL database (as
+    ``postgresql+asyncpg://``, the form a config names). ``write_config`` writes it unless
+    the test names another database."""
+    global _default_database
+    async with contextlib.AsyncExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp_path / 'comfywatch.db'}"
+        else:
+            url = await stack.enter_async_context(pg_database())
+            url = url.replace("postgresql://", "postgresql+asyncpg://", 1)
+        _default_database = url
+        try:
+            yield url
+        finally:
+            _default_database = "sqlite:///comfywatch.db"
+
+
 def write_config(
     folder: Path,
     servers: dict[str, str | dict[str, Any]],
@@ -81,7 +148,7 @@ def write_config(
 ) -> Path:
     """Write ``comfywatch.toml`` (and an empty jobs.d) into ``folder``; return its path."""
     settings = {
-        "database": "sqlite:///comfywatch.db",
+        "database": _default_database,
         "poll_interval_s": 0.05,
         "jobs_dir": "jobs.d",
         "not_found_after_s": 60,
@@ -149,9 +216,13 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    """A migrated store on a fresh SQLite file."""
-    db = Store.open("sqlite:///" + str(db_path))
+async def store(request: pytest.FixtureRequest, db_path: Path) -> AsyncIterator[Store]:
+    """A migrated store on a fresh SQLite file; in a test that uses ``backend``, on the
+    backend's database."""
+    url = "sqlite:///" + str(db_path)
+    if "backend" in request.fixturenames:
+        url = request.getfixturevalue("backend")
+    db = Store.open(url)
     await db.migrate()
     try:
         yield db

@@ -4,7 +4,8 @@ The tests that kill, stop and starve the daemon use this: the child talks to a f
 served by the test's own event loop over a real socket, writes a real SQLite file, and
 prints one JSON event per line on stdout. :class:`DaemonProcess` keeps draining that pipe
 (so the child never blocks on a full pipe) and lets a test wait, with a bound, for an event.
-It also has the small synchronous ``sqlite3`` helpers those tests read the database with.
+It also has the small synchronous helpers those tests read the database with: ``sqlite3`` for
+a SQLite file, asyncpg (on a thread of its own) for PostgreSQL.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -229,14 +231,75 @@ async def run_cli(*args: str, timeout_s: float = WAIT_S) -> tuple[int, str, str]
 # -- reading the database with the standard library ----------------------------------------
 
 
-@contextlib.contextmanager
-def connect(path: Path, *, timeout_s: float = 30.0) -> Iterator[sqlite3.Connection]:
-    """A plain ``sqlite3`` connection in autocommit mode (the test decides on BEGIN).
+class Rows(list[tuple[Any, ...]]):
+    """A query's rows, read to the end (``fetchone``/``fetchall`` as ``sqlite3`` has them)."""
 
-    The file must exist: a test never creates the database behind the daemon's back.
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self[0] if self else None
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return list(self)
+
+
+class PgConnection:
+    """PostgreSQL read the way the tests read a SQLite file: ``execute(sql, params)`` with
+    ``?`` placeholders, synchronous, autocommit. One asyncpg connection, on an event loop of
+    its own on a thread of its own (the caller's event loop is not touched)."""
+
+    def __init__(self, url: str) -> None:
+        import asyncpg
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        dsn = url.replace("+asyncpg", "", 1)
+        self._conn = self._run(asyncpg.connect(dsn, timeout=30))
+
+    def _run(self, coro: Awaitable[Any]) -> Any:
+        async def wrapped() -> Any:
+            return await coro
+
+        return asyncio.run_coroutine_threadsafe(wrapped(), self._loop).result(timeout=60)
+
+    def execute(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> Rows:
+        return Rows(tuple(row.values()) for row in self.dicts(sql, params))
+
+    def dicts(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[dict[str, Any]]:
+        """The rows as column -> value."""
+        parts = sql.split("?")
+        sql = parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], 1))
+        return [dict(row.items()) for row in self._run(self._conn.fetch(sql, *params))]
+
+    def close(self) -> None:
+        try:
+            self._run(self._conn.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+            self._loop.close()
+
+
+@contextlib.contextmanager
+def connect(
+    where: Path | str, *, timeout_s: float = 30.0
+) -> Iterator[sqlite3.Connection | PgConnection]:
+    """The database at ``where`` (a SQLite file's path, or a database URL): for SQLite a
+    plain ``sqlite3`` connection in autocommit mode (the test decides on BEGIN), for
+    PostgreSQL a :class:`PgConnection`.
+
+    The SQLite file must exist: a test never creates the database behind the daemon's back.
     """
+    if isinstance(where, str):
+        if not where.startswith("sqlite"):
+            pg = PgConnection(where)
+            try:
+                yield pg
+            finally:
+                pg.close()
+            return
+        where = Path(where.split("///", 1)[1])
     conn = sqlite3.connect(
-        f"file:{path}?mode=rw", uri=True, timeout=timeout_s, isolation_level=None
+        f"file:{where}?mode=rw", uri=True, timeout=timeout_s, isolation_level=None
     )
     try:
         yield conn
@@ -244,8 +307,11 @@ def connect(path: Path, *, timeout_s: float = 30.0) -> Iterator[sqlite3.Connecti
         conn.close()
 
 
-def integrity_problems(conn: sqlite3.Connection) -> list[Any]:
-    """What ``PRAGMA integrity_check`` and ``foreign_key_check`` report (empty when sound)."""
+def integrity_problems(conn: sqlite3.Connection | PgConnection) -> list[Any]:
+    """What ``PRAGMA integrity_check`` and ``foreign_key_check`` report (empty when sound).
+    PostgreSQL checks foreign keys as it writes: nothing to ask it."""
+    if isinstance(conn, PgConnection):
+        return []
     problems: list[Any] = [
         row for row in conn.execute("PRAGMA integrity_check") if tuple(row) != ("ok",)
     ]
@@ -253,7 +319,7 @@ def integrity_problems(conn: sqlite3.Connection) -> list[Any]:
     return problems
 
 
-def job_states(conn: sqlite3.Connection) -> dict[str, str]:
+def job_states(conn: sqlite3.Connection | PgConnection) -> dict[str, str]:
     """prompt_id -> state of every job."""
     return dict(conn.execute("SELECT prompt_id, state FROM jobs"))
 

@@ -6,10 +6,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from comfywatch.testing import FakeComfyUI
 
 from .conftest import write_config
 from .helpers import comfywatch
+
+# Every test once on SQLite, once on PostgreSQL (the daemon's database is the backend's).
+pytestmark = pytest.mark.usefixtures("backend")
 
 
 async def test_run_until_done_then_query_jobs_and_show(tmp_path: Path, fake: FakeComfyUI) -> None:
@@ -86,10 +91,12 @@ async def test_job_for_unknown_server_is_a_config_error(tmp_path: Path) -> None:
     assert code == 78 and "elsewhere" in err and "jobs" in err
 
 
-async def test_migrate_then_query_empty_database(tmp_path: Path) -> None:
+async def test_migrate_then_query_empty_database(tmp_path: Path, backend: str) -> None:
     config = write_config(tmp_path, {"local": "http://127.0.0.1:1"})
     code, _, err = await comfywatch("jobs", "--config", str(config))
-    assert code == 69 and "does not exist" in err
+    # A SQLite file is not created by a query; an empty PostgreSQL database has no schema.
+    missing = "does not exist" if backend.startswith("sqlite") else "schema is at nothing"
+    assert code == 69 and missing in err, err
     code, out, err = await comfywatch("migrate", "--config", str(config))
     assert code == 0, err
     code, out, _ = await comfywatch("jobs", "--config", str(config), "--json")
@@ -140,3 +147,14 @@ async def test_a_second_daemon_on_the_same_database_is_refused(
         await first.close()
     code, _, err = await comfywatch("run", "--config", str(config), "--until-done")
     assert code == 0, err  # the lock went with the first process
+
+
+async def test_check_config_before_any_daemon_ran(tmp_path: Path, backend: str) -> None:
+    """No database yet (a SQLite file not there, a PostgreSQL database not migrated): the
+    jobs have nothing to be compared with, and that is no warning."""
+    config = write_config(
+        tmp_path, {"local": "http://127.0.0.1:1"}, [{"server": "local", "prompt_id": "p1"}]
+    )
+    code, _, err = await comfywatch("check-config", "--config", str(config))
+    assert code == 0, err
+    assert "not compared" not in err and "schema" not in err, err

@@ -2,7 +2,8 @@
 
 Each test runs ``comfywatch run`` as a real child process (``tests/daemon_proc.py``) against
 the fake ComfyUI served by the test's own event loop on a real port, and reads the real
-SQLite file with the standard library's ``sqlite3``, as an operator would.
+SQLite file with the standard library's ``sqlite3``, as an operator would. The kills and stops
+run on PostgreSQL too (the ``backend`` fixture); the busy-database ones are SQLite's own.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from comfywatch.testing import FakeComfyUI, Outcome
 from .conftest import jobs_toml, toml_value, write_config
 from .daemon_proc import (
     DaemonProcess,
+    PgConnection,
     connect,
     integrity_problems,
     job_states,
@@ -74,6 +76,19 @@ def fake_outcome(entry: dict[str, Any]) -> str:
         "execution_error": "error",
         "execution_interrupted": "interrupted",
     }[name]
+
+
+def has_schema(database: str) -> bool:
+    """Whether the daemon's migration has created the tables (a SQLite file may not be
+    there yet)."""
+    if database.startswith("sqlite"):
+        path = Path(database.split("///", 1)[1])
+        if not path.exists():
+            return False
+    with connect(database) as conn:
+        if isinstance(conn, PgConnection):
+            return bool(conn.execute("SELECT to_regclass('jobs') IS NOT NULL").fetchone()[0])  # type: ignore[index]
+        return bool(conn.execute("SELECT name FROM sqlite_master").fetchall())
 
 
 def stored_outputs(conn: sqlite3.Connection, prompt_id: str) -> set[tuple[Any, ...]]:
@@ -150,7 +165,7 @@ class Plan:
 
 @pytest.mark.slow
 async def test_sigkill_at_random_moments_loses_nothing_and_half_writes_nothing(
-    tmp_path: Path, fake: FakeComfyUI
+    tmp_path: Path, fake: FakeComfyUI, backend: str
 ) -> None:
     """SIGKILL again and again, at moments drawn from a seeded RNG: start-up, migration,
     registration, polls, commits. After every kill the database is sound, every terminal job
@@ -159,7 +174,6 @@ async def test_sigkill_at_random_moments_loses_nothing_and_half_writes_nothing(
     with each one recorded exactly as the fake ComfyUI ran it, and recorded once."""
     rng = random.Random(20261127)
     config = write_config(tmp_path, {"local": fake.url})
-    db = tmp_path / "comfywatch.db"
     plan = Plan()
     lives: list[DaemonProcess] = []
     seen_terminal: dict[str, tuple[Any, ...]] = {}  # terminal rows found after earlier kills
@@ -215,9 +229,9 @@ async def test_sigkill_at_random_moments_loses_nothing_and_half_writes_nothing(
             assert code == -signal.SIGKILL, f"the daemon exited on its own\n{proc.describe()}"
 
             states: dict[str, str] = {}
-            with connect(db) if db.exists() else contextlib.nullcontext() as conn:
-                # Migrations are one transaction: either the whole schema is there or none.
-                if conn and conn.execute("SELECT name FROM sqlite_master").fetchall():
+            # Migrations are one transaction: either the whole schema is there or none.
+            with connect(backend) if has_schema(backend) else contextlib.nullcontext() as conn:
+                if conn:
                     check_whole(conn, fake)
                     now = terminal_rows(conn)
                     for prompt_id, row in seen_terminal.items():
@@ -266,7 +280,7 @@ async def test_sigkill_at_random_moments_loses_nothing_and_half_writes_nothing(
     assert len(plan.gone_unwatched) >= 9 and len(plan.gone_watched) >= 5
     assert {plan.outcome[p] for p in plan.outcome} == set(FINISHED)
 
-    with connect(db) as conn:
+    with connect(backend) as conn:
         check_whole(conn, fake)
         now = terminal_rows(conn)
         for prompt_id, row in seen_terminal.items():
@@ -300,7 +314,7 @@ async def test_sigkill_at_random_moments_loses_nothing_and_half_writes_nothing(
 
 @pytest.mark.parametrize("route", ["GET /queue", "GET /history/{id}"])
 async def test_sigterm_during_a_hung_tick_exits_0_with_nothing_half_written(
-    tmp_path: Path, fake: FakeComfyUI, route: str
+    tmp_path: Path, fake: FakeComfyUI, backend: str, route: str
 ) -> None:
     """A poll stuck on a request that never answers: SIGTERM still ends the daemon with
     status 0 (the poll, left running in the background past its tick's budget, is
@@ -321,13 +335,13 @@ async def test_sigterm_during_a_hung_tick_exits_0_with_nothing_half_written(
     finally:
         await proc.close()
     assert proc.named("polls_cancelled_on_stop") and proc.named("daemon_stopped")
-    with connect(tmp_path / "comfywatch.db") as conn:
+    with connect(backend) as conn:
         assert integrity_problems(conn) == []
         assert job_states(conn) == dict.fromkeys(pids, "registered")
         assert conn.execute("SELECT count(*) FROM job_outputs").fetchone()[0] == 0
 
 
-async def test_sigterm_while_idle_exits_0(tmp_path: Path, fake: FakeComfyUI) -> None:
+async def test_sigterm_while_idle_exits_0(tmp_path: Path, fake: FakeComfyUI, backend: str) -> None:
     """SIGTERM between ticks, with nothing in flight: a plain, clean exit 0."""
     pid = fake.submit(GRAPH)
     await fake.wait_finished(pid)
@@ -340,14 +354,14 @@ async def test_sigterm_while_idle_exits_0(tmp_path: Path, fake: FakeComfyUI) -> 
     finally:
         await proc.close()
     assert proc.named("daemon_stopped") and not proc.named("tick_cancelled_on_stop")
-    with connect(tmp_path / "comfywatch.db") as conn:
+    with connect(backend) as conn:
         assert integrity_problems(conn) == []
         assert job_states(conn) == {pid: "success"}
 
 
 @pytest.mark.slow
 async def test_sigterm_at_random_moments_exits_0_and_commits_whole_ticks(
-    tmp_path: Path, fake: FakeComfyUI
+    tmp_path: Path, fake: FakeComfyUI, backend: str
 ) -> None:
     """SIGTERM at random moments of a busy daemon: every time it exits 0, and what it
     recorded is whole; the next start carries on where it stopped."""
@@ -372,7 +386,7 @@ async def test_sigterm_at_random_moments_exits_0_and_commits_whole_ticks(
             await asyncio.sleep(rng.uniform(0.0, 0.5))  # the random stop moment
             proc.send(signal.SIGTERM)
             assert await proc.wait(timeout_s=30) == 0, proc.describe()
-            with connect(tmp_path / "comfywatch.db") as conn:
+            with connect(backend) as conn:
                 check_whole(conn, fake)
         proc = await DaemonProcess.start(config, "--until-done")
         lives.append(proc)
@@ -380,7 +394,7 @@ async def test_sigterm_at_random_moments_exits_0_and_commits_whole_ticks(
     finally:
         for proc in lives:
             await proc.close()
-    with connect(tmp_path / "comfywatch.db") as conn:
+    with connect(backend) as conn:
         check_whole(conn, fake)
         assert job_states(conn) == outcomes
 

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from comfywatch.service import Daemon
@@ -15,6 +16,9 @@ from comfywatch.store import JobFilter, JobRecord
 from comfywatch.testing import FakeComfyUI
 
 from .conftest import Clock, jobs_toml, write_config
+
+# Every test once on SQLite, once on PostgreSQL (the daemon's database is the backend's).
+pytestmark = pytest.mark.usefixtures("backend")
 
 MakeDaemon = Callable[[Path], Awaitable[Daemon]]
 

@@ -16,6 +16,9 @@ from comfywatch.testing import FakeComfyUI
 
 from .conftest import Clock, write_config
 
+# Every test once on SQLite, once on PostgreSQL (the daemon's database is the backend's).
+pytestmark = pytest.mark.usefixtures("backend")
+
 MakeDaemon = Callable[[Path], Awaitable[Daemon]]
 
 FAULT_KINDS = [

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from standardwebhooks import Webhook
 
 from comfywatch.config import load_settings
@@ -21,6 +22,9 @@ from .daemon_proc import DaemonProcess, connect
 from .helpers import comfywatch
 from .receiver import Receiver
 from .test_hooks import WHSEC
+
+# Every test once on SQLite, once on PostgreSQL (the daemon's database is the backend's).
+pytestmark = pytest.mark.usefixtures("backend")
 
 HOOKS = """
 [hooks.notify]
@@ -152,7 +156,7 @@ async def test_dead_delivery_is_revived_by_hooks_retry(tmp_path: Path, fake: Fak
 
 
 async def test_hooks_retry_reaches_a_running_daemon_within_a_poll_interval(
-    tmp_path: Path, fake: FakeComfyUI
+    tmp_path: Path, fake: FakeComfyUI, backend: str
 ) -> None:
     """A running daemon, a delivery gone dead: ``comfywatch hooks retry`` (another
     process) queues it, and the daemon sends it within a couple of poll intervals: it
@@ -174,7 +178,7 @@ async def test_hooks_retry_reaches_a_running_daemon_within_a_poll_interval(
     proc = await DaemonProcess.start(config, env=env)
     try:
         await proc.wait_event("hook_dead")
-        [dead] = [d for d, _ in await deliveries_of(tmp_path)]
+        [dead] = [d for d, _ in await deliveries_of(backend)]
         receiver.hang = True  # the retried attempt stays in flight until released
 
         code, out, err = await comfywatch(
@@ -204,7 +208,7 @@ async def test_hooks_retry_reaches_a_running_daemon_within_a_poll_interval(
     assert len(receiver.requests) == 3
 
 
-async def deliveries_of(folder: Path) -> list[tuple[int, str]]:
-    """(id, state) of every delivery in the daemon's database, read with ``sqlite3``."""
-    with connect(folder / "comfywatch.db") as conn:
+async def deliveries_of(database: str) -> list[tuple[int, str]]:
+    """(id, state) of every delivery in the daemon's database, read as an operator would."""
+    with connect(database) as conn:
         return list(conn.execute("SELECT id, state FROM hook_deliveries"))

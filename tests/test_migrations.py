@@ -24,8 +24,9 @@ def _diff(conn: Connection) -> list[Any]:
     return list(compare_metadata(context, Base.metadata))
 
 
-async def test_upgrade_on_empty_database_matches_models(tmp_path: Path) -> None:
-    store = Store.open(f"sqlite:///{tmp_path / 'db.sqlite'}")
+async def test_upgrade_on_empty_database_matches_models(backend: str) -> None:
+    """On each backend (a SQLite file, a fresh PostgreSQL database)."""
+    store = Store.open(backend)
     try:
         await store.migrate()
         async with store.engine.connect() as conn:

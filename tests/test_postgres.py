@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import Connection, text
@@ -23,32 +21,13 @@ from comfywatch.states import DeliveryState, JobState, Reason
 from comfywatch.store import Change, FinishedAttempt, JobFilter, NewJob, Store
 from comfywatch.store.readonly import read, schema_revision
 
-from .conftest import write_config
+from .conftest import ADMIN_URL, write_config
 from .helpers import comfywatch, only_entry
 from .receiver import Receiver
 from .test_hooks import webhook
 from .test_migrations import _diff
 
 T = TypeVar("T")
-ADMIN_URL = os.environ.get("COMFYWATCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-@pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    asyncpg = pytest.importorskip("asyncpg")
-    name = f"comfywatch_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = await asyncpg.connect(ADMIN_URL.replace("postgresql://", "postgres://"), timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"no PostgreSQL at {ADMIN_URL}: {exc}")
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_store_round_trip_on_postgresql(pg_url: str) -> None:
@@ -288,3 +267,73 @@ async def test_prefix_and_live_reads_on_postgresql(pg_url: str) -> None:
     assert done.prompt_id == "zf" and done.source == "/srv/f.toml"
     counts = await query(lambda conn: count_jobs(conn, [JobState.RUNNING, JobState.REGISTERED]))
     assert counts == {("local", JobState.RUNNING): 1, ("local", JobState.REGISTERED): 4}
+
+
+async def fill(url: str, now: float) -> None:
+    """The same jobs, outputs, deliveries and attempts, at the same times."""
+    store = Store.open(url)
+    try:
+        await store.migrate()
+        jobs = [
+            NewJob("local", "p-ok", {"batch": "b1", "n": "1"}, ("notify",), "test"),
+            NewJob("local", "p-err", {"batch": "b2"}, (), "test"),
+            NewJob("local", "p-open", {}, (), "test"),
+        ]
+        await store.register(jobs, now)
+        ids = {j.prompt_id: j.id for j in await store.active_jobs()}
+        ok = parse_history_entry(*only_entry("success_saveimage_history.json"))
+        err = parse_history_entry(*only_entry("runtime_error_history.json"))
+        await store.record(
+            [
+                Change(ids["p-ok"], JobState.SUCCESS, Reason.FINISHED, ok, deliveries=["notify"]),
+                Change(ids["p-err"], JobState.ERROR, Reason.FINISHED, err),
+                Change(ids["p-open"], JobState.QUEUED),
+            ],
+            now + 1.25,
+        )
+        [(delivery, _)] = await store.deliveries()
+        attempt = FinishedAttempt(
+            delivery.id, 1, DeliveryState.PENDING, now + 2.5, now + 12.5, 500, "HTTP 500", "busy"
+        )
+        await store.record_attempts([attempt])
+    finally:
+        await store.close()
+
+
+def same(printed: Any) -> Any:
+    """``printed`` with each delivery's event id (random, made when it is written) masked."""
+    if isinstance(printed, list):
+        return [same(item) for item in printed]
+    if isinstance(printed, dict):
+        return {k: "*" if k == "event_id" else same(v) for k, v in printed.items()}
+    return printed
+
+
+async def test_the_commands_print_the_same_json_on_both_backends(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The same data in a SQLite file and in PostgreSQL: jobs, show and hooks print the
+    same JSON (times, labels, outputs, errors, deliveries), event ids apart."""
+    now = 1_767_225_600.5
+    outputs = {}
+    for name, url in (("sqlite", f"sqlite:///{tmp_path / 'same.db'}"), ("postgresql", pg_url)):
+        await fill(url, now)
+        folder = tmp_path / name
+        folder.mkdir()
+        config = str(
+            write_config(folder, {"local": "http://127.0.0.1:9"}, daemon={"database": url})
+        )
+        printed = []
+        for args in (
+            ("jobs", "--json"),
+            ("jobs", "--json", "--label", "batch=b1"),
+            ("show", "p-ok", "--json"),
+            ("show", "p-err", "--json"),
+            ("hooks", "--json"),
+        ):
+            code, out, err = await comfywatch(*args, "--config", config)
+            assert code == 0, (args, err)
+            printed.append(json.loads(out))
+        outputs[name] = printed
+    assert same(outputs["sqlite"]) == same(outputs["postgresql"])
+    assert outputs["sqlite"][0] and outputs["sqlite"][4]  # something was compared

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from comfywatch.config import load_settings
 from comfywatch.history import HistoryRecord, parse_history_entry
 from comfywatch.service import Daemon
@@ -24,7 +26,11 @@ from comfywatch.testing import FakeComfyUI
 from comfywatch.views import iso
 
 from .conftest import Clock, jobs_toml, write_config
+from .daemon_proc import PgConnection, connect
 from .helpers import comfywatch
+
+# Every test once on SQLite, once on PostgreSQL (the daemon's database is the backend's).
+pytestmark = pytest.mark.usefixtures("backend")
 
 FIXTURES = Path(__file__).parent / "fixtures"  # recorded ComfyUI answers
 DAY_S = 86400.0
@@ -102,17 +108,16 @@ async def build(store: Store, now_s: float, rows: list[Row] = ROWS) -> None:
 Snapshot = dict[str, list[dict[str, object]]]
 
 
-def snapshot(db: Path) -> Snapshot:
-    """Every row of the three tables (column -> value), read with plain sqlite3."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
+def snapshot(db: str) -> Snapshot:
+    """Every row of the three tables (column -> value), read as an operator would."""
+    tables = ("jobs", "job_outputs", "hook_deliveries")
+    with connect(db) as conn:
+        if isinstance(conn, PgConnection):
+            return {t: conn.dicts(f"SELECT * FROM {t} ORDER BY id") for t in tables}
+        conn.row_factory = sqlite3.Row
         return {
-            table: [dict(row) for row in conn.execute(f"SELECT * FROM {table} ORDER BY id")]
-            for table in ("jobs", "job_outputs", "hook_deliveries")
+            t: [dict(row) for row in conn.execute(f"SELECT * FROM {t} ORDER BY id")] for t in tables
         }
-    finally:
-        conn.close()
 
 
 def prompts(snap: Snapshot) -> dict[object, str]:
@@ -130,9 +135,11 @@ async def built_database(tmp_path: Path, now_s: float, **daemon: object) -> Path
     return config
 
 
-async def test_prune_dry_run_counts_and_changes_nothing(tmp_path: Path, clock: Clock) -> None:
+async def test_prune_dry_run_counts_and_changes_nothing(
+    tmp_path: Path, clock: Clock, backend: str
+) -> None:
     config = await built_database(tmp_path, clock.now)
-    db = tmp_path / "comfywatch.db"
+    db = backend
     before = snapshot(db)
     assert len(before["job_outputs"]) > 0 and len(before["hook_deliveries"]) == 5
 
@@ -180,12 +187,12 @@ async def test_prune_dry_run_lists_what_would_go_and_what_is_kept_and_why(
 
 
 async def test_prune_removes_exactly_old_terminal_jobs_with_their_rows(
-    tmp_path: Path, clock: Clock
+    tmp_path: Path, clock: Clock, backend: str
 ) -> None:
     """Old terminal jobs go with their outputs and finished deliveries; non-terminal jobs,
     young jobs and jobs still owing a delivery stay, their rows untouched."""
     config = await built_database(tmp_path, clock.now)
-    db = tmp_path / "comfywatch.db"
+    db = backend
     before = snapshot(db)
     ids = {prompt: job_id for job_id, prompt in prompts(before).items()}
     gone = {ids[r.prompt_id] for r in ROWS if r.pruned}
@@ -233,7 +240,7 @@ async def test_prune_age_units_and_bad_ages(tmp_path: Path, clock: Clock) -> Non
 
 
 async def test_prune_keeps_main_file_jobs_and_prunes_spooled_ones(
-    tmp_path: Path, clock: Clock
+    tmp_path: Path, clock: Clock, backend: str
 ) -> None:
     """A job the main file names is kept: every load registers it again, as a new job once
     pruned. A job a spool file named is pruned like any other, whatever waits in the spool
@@ -248,7 +255,7 @@ async def test_prune_keeps_main_file_jobs_and_prunes_spooled_ones(
     code, out, err = await comfywatch("prune", "--older-than", "30d", "--config", str(config))
     assert code == 0, err
     assert out.startswith("deleted 2 jobs ")
-    left = set(prompts(snapshot(tmp_path / "comfywatch.db")).values())
+    left = set(prompts(snapshot(backend)).values())
     assert "old-success" in left and "old-error" not in left
     assert sorted(p.name for p in (tmp_path / "jobs.d").iterdir()) == ["again.toml", "broken.toml"]
 

@@ -11,10 +11,15 @@ import stat
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from comfywatch.testing import FakeComfyUI
 
 from .conftest import write_config
 from .daemon_proc import DaemonProcess, connect, run_cli
+
+# Every test once on SQLite, once on PostgreSQL (the daemon's database is the backend's).
+pytestmark = pytest.mark.usefixtures("backend")
 
 
 def jobs_in(path: Path) -> list[dict[str, object]]:
@@ -92,7 +97,7 @@ async def test_register_wait_times_out_while_no_daemon_reads_the_spool(tmp_path:
 
 
 async def test_register_wait_reports_acceptance_and_rejection(
-    tmp_path: Path, fake: FakeComfyUI
+    tmp_path: Path, fake: FakeComfyUI, backend: str
 ) -> None:
     """Accepted: the jobs are committed when the command returns. Rejected: the daemon runs
     an older configuration than the command read (a server added, no reload yet): the
@@ -117,7 +122,7 @@ async def test_register_wait_reports_acceptance_and_rejection(
         )
         assert code == 0, err
         assert out.startswith(f"registered: {tmp_path / 'jobs.d' / 'done'}/")
-        with connect(tmp_path / "comfywatch.db") as conn:
+        with connect(backend) as conn:
             rows = conn.execute("SELECT prompt_id, labels FROM jobs").fetchall()
         assert [(p, json.loads(labels)) for p, labels in rows] == [(pid, {"batch": "b1"})]
 

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -29,27 +28,13 @@ from .conftest import write_config
 from .daemon_proc import run_cli
 from .tcp_proxy import TcpProxy
 
-ADMIN_URL = os.environ.get("COMFYWATCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 WAIT_S = 30.0  # a bound on waits for conditions, never reached when things work
 
 
 @pytest.fixture
-async def pg() -> AsyncIterator[str]:
+async def pg(pg_url: str) -> str:
     """A database of its own on the local PostgreSQL server; its URL."""
-    asyncpg = pytest.importorskip("asyncpg")
-    name = f"comfywatch_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = await asyncpg.connect(ADMIN_URL.replace("postgresql://", "postgres://"), timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"no PostgreSQL at {ADMIN_URL}: {exc}")
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    return pg_url
 
 
 @pytest.fixture

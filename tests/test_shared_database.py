@@ -34,7 +34,6 @@ from .conftest import write_config
 from .helpers import comfywatch
 from .receiver import Receiver
 from .test_hooks import webhook
-from .test_postgres import pg_url  # noqa: F401 - the fixture
 
 HOOKS = """
 [hooks.notify]
@@ -74,7 +73,7 @@ def by_webhook_id(receiver: Receiver) -> Counter[str]:
     return Counter(headers["webhook-id"] for headers, _ in receiver.requests)
 
 
-async def test_two_dispatchers_send_each_delivery_once(pg_url: str) -> None:  # noqa: F811
+async def test_two_dispatchers_send_each_delivery_once(pg_url: str) -> None:
     """Two dispatchers, each with its own store (pool), empty one outbox together: every
     delivery is sent exactly once, and both took a share."""
     first, second = Store.open(pg_url), Store.open(pg_url)
@@ -108,7 +107,7 @@ async def test_two_dispatchers_send_each_delivery_once(pg_url: str) -> None:  # 
 
 
 async def test_a_result_recorded_under_a_lost_claim_changes_nothing(
-    pg_url: str,  # noqa: F811
+    pg_url: str,
 ) -> None:
     """A claims a delivery; B sees it held until A's claim expires, then takes it over and
     records its attempt. A's late result (delivered) changes nothing: B's state stays. A
@@ -177,7 +176,7 @@ asyncio.run(main())
 
 
 async def test_a_killed_dispatcher_leaves_claims_another_takes_over(
-    pg_url: str,  # noqa: F811
+    pg_url: str,
     tmp_path: Path,
 ) -> None:
     """A dispatcher in a child process is SIGKILLed while its attempt hangs: the delivery
@@ -233,7 +232,7 @@ async def test_a_killed_dispatcher_leaves_claims_another_takes_over(
 
 
 async def test_notifications_wake_the_daemon_before_its_poll(
-    pg_url: str,  # noqa: F811
+    pg_url: str,
     tmp_path: Path,
 ) -> None:
     """The daemon polls every hour (its safety net), yet a job registered by another
@@ -317,7 +316,7 @@ async def terminate_listeners(url: str) -> None:
         await conn.close()
 
 
-async def test_wait_returns_on_a_notification(pg_url: str, tmp_path: Path) -> None:  # noqa: F811
+async def test_wait_returns_on_a_notification(pg_url: str, tmp_path: Path) -> None:
     """``wait`` (its looks) on PostgreSQL with an hour between safety-net looks: the job
     becoming terminal is heard, and the wait ends long before its timeout."""
     store = Store.open(pg_url)
@@ -349,7 +348,7 @@ async def test_wait_returns_on_a_notification(pg_url: str, tmp_path: Path) -> No
     assert not looks[0].ended("p1")
 
 
-async def test_held_claims_are_renewed_and_released_on_stop(pg_url: str) -> None:  # noqa: F811
+async def test_held_claims_are_renewed_and_released_on_stop(pg_url: str) -> None:
     """A's attempt hangs past its claim's first expiry: the claim is renewed, so B (running
     all along) never takes it. The deliveries A claimed but never started are released
     when A stops: B sends them without waiting for their claims to expire."""

@@ -22,6 +22,9 @@ from comfywatch.testing import FakeComfyUI
 from .conftest import jobs_toml, toml_value, write_config
 from .daemon_proc import DaemonProcess, connect, job_states, run_cli
 
+# Every test once on SQLite, once on PostgreSQL (the daemon's database is the backend's).
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 def drop(spool: Path, name: str, text: str) -> None:
     """Writes ``text`` as a dotfile and renames it in, as producers must."""
@@ -54,7 +57,7 @@ async def queries_work(config: Path) -> None:
 
 
 async def test_bad_spool_files_never_stop_start_up_or_queries(
-    tmp_path: Path, fake: FakeComfyUI
+    tmp_path: Path, fake: FakeComfyUI, backend: str
 ) -> None:
     main_id, spooled_id = fake.submit(), fake.submit()
     config = write_config(tmp_path, {"local": fake.url}, [job(main_id)])
@@ -80,7 +83,7 @@ async def test_bad_spool_files_never_stop_start_up_or_queries(
 
         async def both_done() -> None:
             while True:
-                with connect(tmp_path / "comfywatch.db") as conn:
+                with connect(backend) as conn:
                     if job_states(conn) == {main_id: "success", spooled_id: "success"}:
                         return
                 await asyncio.sleep(0.05)
@@ -109,7 +112,7 @@ JOB_COLUMNS = (
 
 
 async def test_sigkill_between_commit_and_move_loses_nothing_and_fires_nothing_twice(
-    tmp_path: Path, fake: FakeComfyUI
+    tmp_path: Path, fake: FakeComfyUI, backend: str
 ) -> None:
     """``done`` is a plain file, so the move after the commit fails and the file stays in
     the inbox: the daemon is then killed with its jobs committed, its hook delivered and
@@ -131,7 +134,7 @@ async def test_sigkill_between_commit_and_move_loses_nothing_and_fires_nothing_t
     finally:
         await first.close()
     assert (spool / "batch.toml").exists()
-    with connect(tmp_path / "comfywatch.db") as conn:
+    with connect(backend) as conn:
         before = conn.execute(JOB_COLUMNS).fetchall()
         deliveries = conn.execute("SELECT id, state, attempts FROM hook_deliveries").fetchall()
     assert [row[3] for row in before] == ["success"]
@@ -147,7 +150,7 @@ async def test_sigkill_between_commit_and_move_loses_nothing_and_fires_nothing_t
     assert (event["file"], event["jobs"], event["new"]) == ("batch.toml", 1, 0)
     assert sorted(p.name for p in spool.iterdir()) == ["done"]
     assert [p.name for p in (spool / "done").iterdir()] == ["batch.toml"]
-    with connect(tmp_path / "comfywatch.db") as conn:
+    with connect(backend) as conn:
         assert conn.execute(JOB_COLUMNS).fetchall() == before
         assert conn.execute("SELECT id, state, attempts FROM hook_deliveries").fetchall() == (
             deliveries
@@ -167,8 +170,10 @@ FLOOD = 20_000
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+# Files and batches, the same on both backends: SQLite alone keeps the suite short.
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 async def test_a_flood_of_files_is_taken_in_batches_while_healthz_answers(
-    tmp_path: Path,
+    tmp_path: Path, backend: str
 ) -> None:
     """20,000 files renamed in at once: each is registered exactly once, and /healthz
     answers 200 all along (no pass of the loop waits for the whole flood)."""
@@ -224,7 +229,7 @@ async def test_a_flood_of_files_is_taken_in_batches_while_healthz_answers(
     assert len(files) == len(set(files)) == FLOOD
     assert sorted(p.name for p in spool.iterdir()) == ["done"]
     assert len(list((spool / "done").iterdir())) == FLOOD
-    with connect(tmp_path / "comfywatch.db") as conn:
+    with connect(backend) as conn:
         assert conn.execute("SELECT count(*), count(DISTINCT prompt_id) FROM jobs").fetchone() == (
             FLOOD,
             FLOOD,

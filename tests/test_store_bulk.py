@@ -5,9 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
+
 from comfywatch.history import HistoryRecord, OutputRecord
 from comfywatch.states import DeliveryState, JobState, Reason
 from comfywatch.store import Change, FinishedAttempt, JobFilter, NewJob, Store
+
+# Every test once on SQLite, once on PostgreSQL (the ``store`` fixture's database).
+pytestmark = pytest.mark.usefixtures("backend")
 
 NOW_S = 1_700_000_000.0
 #: More than one chunk of the store's IN lists (500).

@@ -17,6 +17,9 @@ from .conftest import write_config
 from .daemon_proc import DaemonProcess, connect, run_cli
 from .helpers import FIXTURES
 
+# Every test once on SQLite, once on PostgreSQL (the daemon's database is the backend's).
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 def workflow_file(folder: Path, graph: Any, name: str = "workflow.json") -> Path:
     path = folder / name
@@ -28,7 +31,9 @@ def spool_files(folder: Path) -> list[Path]:
     return sorted((folder / "jobs.d").glob("*.toml"))
 
 
-async def test_submit_wait_follows_the_job_to_its_end_with_its_progress(tmp_path: Path) -> None:
+async def test_submit_wait_follows_the_job_to_its_end_with_its_progress(
+    tmp_path: Path, backend: str
+) -> None:
     """The prompt goes without a client id, so the daemon's socket gets its broadcast
     progress; the job is registered with its labels; --wait exits 0 on success."""
     async with FakeComfyUI(run_time_s=1.5, progress_steps=6) as fake:
@@ -47,7 +52,7 @@ async def test_submit_wait_follows_the_job_to_its_end_with_its_progress(tmp_path
             entry = fake.history_entry(prompt_id)
             assert entry is not None and "client_id" not in entry["prompt"][3]
             assert f"local {prompt_id} success finished" in err
-            with connect(tmp_path / "comfywatch.db") as conn:
+            with connect(backend) as conn:
                 row = conn.execute(
                     "SELECT state, labels, source, progress_node, progress_value, progress_max,"
                     " progress_at FROM jobs WHERE prompt_id = ?",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from comfywatch.cli.wait import JobWatch
 from comfywatch.config import load_settings
 from comfywatch.metrics import Metrics
@@ -18,6 +20,9 @@ from comfywatch.store import Change, NewJob, Store
 
 from .conftest import write_config
 from .daemon_proc import run_cli
+
+# Every test once on SQLite, once on PostgreSQL (the daemon's database is the backend's).
+pytestmark = pytest.mark.usefixtures("backend")
 
 NOW_S = 1_800_000_000.0
 
@@ -34,7 +39,7 @@ async def finish(store: Store, endings: dict[str, JobState | None]) -> None:
 
 async def prepared(tmp_path: Path, endings: dict[str, JobState | None]) -> Path:
     config = write_config(tmp_path, {"local": "http://127.0.0.1:9"})
-    store = Store.open(f"sqlite:///{tmp_path / 'comfywatch.db'}")
+    store = Store.open(load_settings(config).daemon.database_url)
     try:
         await store.migrate()
         await finish(store, endings)

@@ -87,18 +87,19 @@ def _warn(settings: Settings) -> None:
     against the database (when there is one to read)."""
     from comfywatch.advice import config_advice, registered_advice
     from comfywatch.errors import StoreError
-    from comfywatch.store.drivers import is_sqlite, sqlite_path
-    from comfywatch.store.readonly import read
+    from comfywatch.store import JobRow
+    from comfywatch.store.readonly import read_unless_new
     from comfywatch.store.reads import select_known
 
     found = config_advice(settings)
     url = settings.daemon.database_url
     keys = [(job.server, job.prompt_id) for job in settings.jobs]
-    path = sqlite_path(url) if is_sqlite(url) else None
-    no_database = is_sqlite(url) and (path is None or not path.exists())
-    if keys and not no_database:
+    if keys:
+        # No database yet (a SQLite file not there, a PostgreSQL database not migrated):
+        # nothing registered to compare with.
         try:
-            known = read(url, lambda conn: select_known(conn, keys))
+            none: dict[tuple[str, str], JobRow] = {}
+            known = read_unless_new(url, lambda conn: select_known(conn, keys), none)
         except StoreError as exc:
             err(f"warning: the jobs were not compared with the database: {exc}")
         else:

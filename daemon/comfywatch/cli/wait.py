@@ -29,8 +29,8 @@ from comfywatch.errors import ConfigError, StoreError
 from comfywatch.spool.inbox import ERROR_SUFFIX, REJECTED, SPOOL_SUFFIX, waiting_names
 from comfywatch.states import JobState
 from comfywatch.store import JobRow
-from comfywatch.store.drivers import is_sqlite, sqlite_path
-from comfywatch.store.readonly import read
+from comfywatch.store.drivers import is_sqlite
+from comfywatch.store.readonly import read_unless_new
 from comfywatch.store.reads import select_job_rows
 
 #: How often the database and the spool are looked at.
@@ -133,12 +133,11 @@ class JobWatch:
         return ThreadListener(url, {JOBS: on_job})
 
     def _rows(self, prompt_ids: Collection[str]) -> list[JobRow]:
-        url = self._settings.daemon.database_url
-        if is_sqlite(url):
-            path = sqlite_path(url)
-            if path is not None and not path.exists():
-                return []  # no daemon has run yet
-        return read(url, lambda conn: select_job_rows(conn, list(prompt_ids), server=self._server))
+        def rows(conn: Any) -> list[JobRow]:
+            return select_job_rows(conn, list(prompt_ids), server=self._server)
+
+        # No database yet, or one no daemon has migrated: no daemon has run yet.
+        return read_unless_new(self._settings.daemon.database_url, rows, [])
 
     def _spooled(self, prompt_ids: Collection[str]) -> set[str]:
         """Those of ``prompt_ids`` named by a file waiting in the spool."""

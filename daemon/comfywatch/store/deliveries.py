@@ -276,8 +276,16 @@ class DeliveryQueries(Database):
             statement = _RECORD_CLAIMED
             params = [{**p, "b_owner": owner} for p in params]
         async with self._session() as session:
-            result = await session.execute(statement, params)
-            return int(result.rowcount)  # type: ignore[attr-defined]
+            if self.engine.dialect.supports_sane_multi_rowcount:
+                result = await session.execute(statement, params)
+                return int(result.rowcount)  # type: ignore[attr-defined]
+            # asyncpg counts no rows of an executemany (-1): one statement per attempt, in
+            # the same transaction.
+            changed = 0
+            for one in params:
+                result = await session.execute(statement, one)
+                changed += int(result.rowcount)  # type: ignore[attr-defined]
+            return changed
 
     async def finish_attempt(
         self,

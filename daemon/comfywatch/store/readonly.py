@@ -100,6 +100,26 @@ def read(url: str, query: Callable[[Connection], T], *, check_schema: bool = Tru
         raise StoreError(f"database error: {short_error(exc)}") from None
 
 
+def read_unless_new(url: str, query: Callable[[Connection], T], new: T) -> T:
+    """:func:`read`, except that a database no daemon has created or migrated yet (a SQLite
+    file not there, a PostgreSQL database without the schema) gives ``new``. A SQLite file
+    that is there without the schema is not one a daemon made: an error, as with read."""
+    if is_sqlite(url):
+        path = sqlite_path(url)
+        if path is not None and not path.exists():
+            return new
+        return read(url, query)
+
+    def unless_new(conn: Connection) -> T:
+        current = schema_revision(conn)
+        if current is None:
+            return new
+        require_schema_head(current)
+        return query(conn)
+
+    return read(url, unless_new, check_schema=False)
+
+
 def _read_sqlite(url: str, query: Callable[[Connection], T]) -> T:
     path = sqlite_path(url)
 
@@ -142,4 +162,13 @@ def _read_async(url: str, query: Callable[[Connection], T]) -> T:
         finally:
             await engine.dispose()
 
-    return asyncio.run(run())
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run())
+    # Called from a coroutine (a test, an embedding program): the read gets an event loop
+    # of its own on a thread, and the caller blocks as it does on SQLite.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(run())).result()
