@@ -337,8 +337,11 @@ async def test_daemon_prunes_spooled_jobs_and_files_but_keeps_main_file_jobs(
     file registered goes like any other. Files in done/ and rejected/ go retention_days
     after they arrived there."""
     fixture = "success_saveimage_history.json"
-    kept = Row("from-main-file", 40, JobState.SUCCESS, fixture, "delivered")
-    spooled = Row("from-spool", 40, JobState.SUCCESS, fixture, "delivered")
+    # 20 days old: nothing is due before the clock moves, so the spool file naming
+    # from-spool is read while its job is still there (a job pruned before its file is
+    # read would be registered anew), however the machine schedules the first passes.
+    kept = Row("from-main-file", 20, JobState.SUCCESS, fixture, "delivered")
+    spooled = Row("from-spool", 20, JobState.SUCCESS, fixture, "delivered")
     config = write_config(
         tmp_path,
         {"local": fake.url},
@@ -354,13 +357,15 @@ async def test_daemon_prunes_spooled_jobs_and_files_but_keeps_main_file_jobs(
         daemon = await make_daemon(config)
         runner = asyncio.create_task(daemon.run())
         try:
-            await eventually_prompts(store, {kept.prompt_id})
-            assert (spool / "done" / "again.toml").exists()
+            await wait_until(lambda: (spool / "done" / "again.toml").exists())
             assert (spool / "rejected" / "bad.toml").exists()
             assert (spool / "rejected" / "bad.error").exists()
             await wait_ticks(daemon, 1)
+            assert sorted(prompts_of(await store_jobs(store))) == ["from-main-file", "from-spool"]
 
-            clock.advance(31 * DAY_S)  # the files arrived over 30 days ago (by this clock)
+            # The jobs ended, and the files arrived, over 30 days ago (by this clock).
+            clock.advance(31 * DAY_S)
+            await eventually_prompts(store, {kept.prompt_id})
             await wait_until(lambda: not any((spool / "done").iterdir()))
             await wait_until(lambda: not any((spool / "rejected").iterdir()))
             assert prompts_of(await store_jobs(store)) == [kept.prompt_id]
