@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import farm, scale
+from . import farm, replicas, scale
 from .farm import Result, Sizes
 
 FARM: dict[str, Callable[[Sizes], Awaitable[Result]]] = {
@@ -34,6 +34,7 @@ FARM: dict[str, Callable[[Sizes], Awaitable[Result]]] = {
     "scale": scale.memory,
     "startup": scale.startup,
     "spool": scale.spool,
+    "replicas": replicas.replicas,
 }
 EXTERNAL = ("bulk", "cli")
 NAMES = (*FARM, *EXTERNAL)
