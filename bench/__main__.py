@@ -2,7 +2,7 @@
 
 Scenarios run one after another (each starts and stops its own processes). ``bulk`` and
 ``cli`` are the modules ``bench.bulk`` and ``bench.cli``; they are skipped with a note when
-absent. Options: ``--quick`` (smaller sizes, about 3 minutes), ``--only NAME`` (repeatable
+absent. Options: ``--quick`` (smaller sizes, about 4 minutes), ``--only NAME`` (repeatable
 or comma separated), ``--out results.json``.
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import farm, scale
+from . import farm, replicas, scale
 from .farm import Result, Sizes
 
 FARM: dict[str, Callable[[Sizes], Awaitable[Result]]] = {
@@ -34,6 +34,7 @@ FARM: dict[str, Callable[[Sizes], Awaitable[Result]]] = {
     "scale": scale.memory,
     "startup": scale.startup,
     "spool": scale.spool,
+    "replicas": replicas.replicas,
 }
 EXTERNAL = ("bulk", "cli")
 NAMES = (*FARM, *EXTERNAL)
@@ -92,7 +93,7 @@ def _commit() -> str:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (about 2-3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (about 4 minutes)")
     parser.add_argument("--only", action="append", metavar="NAME", help=f"one of {NAMES}")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)

@@ -148,6 +148,13 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     port: int = field(default_factory=free_port)
     ready_after_s: float | None = None
+    #: The ``[daemon] database`` URL; the default is a SQLite file in ``workdir``.
+    database: str = "sqlite:///comfywatch.db"
+    #: ``[daemon] replicas = true`` with this ``lease_s`` (PostgreSQL only); None: off.
+    lease_s: float | None = None
+    #: Names this daemon's config, log and notify socket: several may share ``workdir``
+    #: (and so its ``jobs_dir``).
+    name: str = "comfywatch"
 
     @property
     def db_path(self) -> Path:
@@ -161,7 +168,7 @@ class Daemon:
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         lines = [
             "[daemon]",
-            'database = "sqlite:///comfywatch.db"',
+            f'database = "{self.database}"',
             f"poll_interval_s = {self.poll_interval_s}",
             'jobs_dir = "jobs.d"',
             f'http = "127.0.0.1:{self.port}"',
@@ -169,25 +176,27 @@ class Daemon:
             'log_format = "json"',
             f"default_hooks = {['bench'] if self.webhook_url else []}".replace("'", '"'),
         ]
+        if self.lease_s is not None:
+            lines += ["replicas = true", f"lease_s = {self.lease_s}"]
         for name, url in self.servers.items():
             lines += [f"[servers.{name}]", f'url = "{url}"']
             lines += [f"websocket = {'true' if self.websocket else 'false'}"]
         if self.webhook_url:
             lines += ["[hooks.bench]", 'type = "webhook"', f'url = "{self.webhook_url}"']
-        path = self.workdir / "comfywatch.toml"
+        path = self.workdir / f"{self.name}.toml"
         path.write_text("\n".join(lines) + "\n")
         return path
 
     async def start(self, ready_timeout_s: float = 600) -> float:
         """Start it and return the seconds until ``READY=1``."""
         config = self.write_config()
-        notify_path = self.workdir / "notify.sock"
+        notify_path = self.workdir / f"{self.name}.notify.sock"
         notify_path.unlink(missing_ok=True)
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
         notify.setblocking(False)
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
-        log = (self.workdir / "daemon.log").open("ab")
+        log = (self.workdir / f"{self.name}.log").open("ab")
         started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "comfywatch", "run", "--config", str(config)],
@@ -218,6 +227,12 @@ class Daemon:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    def kill(self) -> None:
+        """SIGKILL, as a lost host would end it."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
