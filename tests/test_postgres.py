@@ -21,7 +21,7 @@ from comfywatch.states import DeliveryState, JobState, Reason
 from comfywatch.store import Change, FinishedAttempt, JobFilter, NewJob, Store
 from comfywatch.store.readonly import read, schema_revision
 
-from .conftest import ADMIN_URL, write_config
+from .conftest import admin_connect, write_config
 from .helpers import comfywatch, only_entry
 from .receiver import Receiver
 from .test_hooks import webhook
@@ -139,10 +139,8 @@ async def test_hooks_in_batches_on_postgresql(pg_url: str) -> None:
 async def lock_holder(pg_url: str) -> tuple[int, str]:
     """The backend pid holding the daemon's advisory lock in ``pg_url``'s database, and
     that backend's state."""
-    import asyncpg
-
     name = pg_url.rsplit("/", 1)[1]
-    admin = await asyncpg.connect(ADMIN_URL.replace("postgresql://", "postgres://"), timeout=5)
+    admin = await admin_connect()
     try:
         row = await admin.fetchrow(
             "SELECT l.pid, a.state FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
@@ -157,9 +155,7 @@ async def lock_holder(pg_url: str) -> tuple[int, str]:
 
 
 async def terminate(pid: int) -> None:
-    import asyncpg
-
-    admin = await asyncpg.connect(ADMIN_URL.replace("postgresql://", "postgres://"), timeout=5)
+    admin = await admin_connect()
     try:
         assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
     finally:

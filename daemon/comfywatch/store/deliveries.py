@@ -322,18 +322,7 @@ class DeliveryQueries(Database):
         if not all_dead:
             cond = and_(cond, HookDelivery.id.in_(list(ids)))
         async with self._session() as session:
-            result = await session.execute(
-                update(HookDelivery)
-                .where(cond)
-                .values(
-                    state=DeliveryState.PENDING,
-                    attempts=0,
-                    next_attempt_at=utc(now_s),
-                    updated_at=utc(now_s),
-                    claimed_by=None,
-                    claimed_until=None,
-                )
-            )
+            result = await session.execute(update(HookDelivery).where(cond).values(_revived(now_s)))
             if result.rowcount:  # type: ignore[attr-defined]
                 await notify(session, DELIVERIES)
             return int(result.rowcount)  # type: ignore[attr-defined]
@@ -355,14 +344,7 @@ class DeliveryQueries(Database):
                 await session.execute(
                     update(HookDelivery)
                     .where(HookDelivery.id.in_(dead), HookDelivery.state == DeliveryState.DEAD)
-                    .values(
-                        state=DeliveryState.PENDING,
-                        attempts=0,
-                        next_attempt_at=utc(now_s),
-                        updated_at=utc(now_s),
-                        claimed_by=None,
-                        claimed_until=None,
-                    )
+                    .values(_revived(now_s))
                 )
                 await notify(session, DELIVERIES)
         return {i: before.get(i) for i in wanted}
@@ -409,4 +391,18 @@ def _attempt_params(attempt: FinishedAttempt) -> dict[str, Any]:
         "b_response": attempt.response,
         "b_updated_at": at,
         "b_delivered_at": at if delivered else None,
+    }
+
+
+def _revived(now_s: float) -> dict[str, Any]:
+    """A dead delivery made pending again: due now, its attempts and any stale claim
+    cleared."""
+    at = utc(now_s)
+    return {
+        "state": DeliveryState.PENDING,
+        "attempts": 0,
+        "next_attempt_at": at,
+        "updated_at": at,
+        "claimed_by": None,
+        "claimed_until": None,
     }
