@@ -196,20 +196,7 @@ def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
     register.add_argument(
         "prompt_ids", nargs="+", metavar="PROMPT_ID", help="prompt ids ComfyUI gave"
     )
-    register.add_argument(
-        "--label",
-        action="append",
-        type=_label,
-        default=[],
-        metavar="KEY=VALUE",
-        help="a label for these jobs (repeat for several)",
-    )
-    register.add_argument(
-        "--hooks",
-        type=lambda text: [name for name in text.split(",") if name],
-        metavar="A,B",
-        help='hooks for these jobs ("" for none; default: default_hooks)',
-    )
+    _add_labels_and_hooks(register, "these jobs")
     register.add_argument("--wait", action="store_true", help="wait for the daemon's verdict")
     register.add_argument(
         "--timeout",
@@ -217,6 +204,24 @@ def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
         default=60.0,
         metavar="S",
         help="how long --wait waits, in seconds (default 60)",
+    )
+
+
+def _add_labels_and_hooks(parser: argparse.ArgumentParser, jobs: str) -> None:
+    """``--label`` and ``--hooks``, as ``register`` and ``submit`` take them."""
+    parser.add_argument(
+        "--label",
+        action="append",
+        type=_label,
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"a label for {jobs} (repeat for several)",
+    )
+    parser.add_argument(
+        "--hooks",
+        type=lambda text: [name for name in text.split(",") if name],
+        metavar="A,B",
+        help=f'hooks for {jobs} ("" for none; default: default_hooks)',
     )
 
 
@@ -294,20 +299,7 @@ def _add_submit(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     submit.add_argument("workflow", metavar="WORKFLOW", help="API-format workflow JSON, or -")
     submit.add_argument("--server", required=True, help="the server to queue it on (by name)")
-    submit.add_argument(
-        "--label",
-        action="append",
-        type=_label,
-        default=[],
-        metavar="KEY=VALUE",
-        help="a label for the job (repeatable)",
-    )
-    submit.add_argument(
-        "--hooks",
-        type=lambda text: [name for name in text.split(",") if name],
-        metavar="A,B",
-        help='hooks for the job ("" for none; default: default_hooks)',
-    )
+    _add_labels_and_hooks(submit, "the job")
     submit.add_argument(
         "--wait", action="store_true", help="wait until the job ends, showing its progress"
     )
